@@ -1,0 +1,163 @@
+"""Chains the stages of a recipe: source -> pretrain -> finetune, and the scratch baseline.
+
+Each stage gets its own folder (`<run>/<stage>/`), Trainer and ModelCheckpoint; the manifest
+(`<run>/manifest.json`, written atomically by rank zero) records what each stage produced, so a re-run
+into the same folder skips finished stages and resumes an unfinished one from its `last.ckpt`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab import report
+from transferlab.errors import UserError
+from transferlab.module import ClassifierModule
+from transferlab.transfer import init_from_checkpoint
+
+log = logging.getLogger(__name__)
+logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler doubles every line under Hydra
+for message in (".*IterableDataset.*has `__len__` defined", ".*is smaller than the logging interval",
+                ".*LeafSpec.*is deprecated"):  # expected with our batch loader / epoch-level logging
+    warnings.filterwarnings("ignore", message=message)
+UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  # don't change results
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run every stage of `cfg.stages` not yet done in `cfg.paths.run_dir`; return the results."""
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = run_dir / "manifest.json"
+    manifest = read_json(manifest_path) or {"stages": {}}
+    manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
+    validate_stages(cfg)
+    hashes: dict[str, str] = {}
+    for name, stage in cfg.stages.items():
+        hashes[name] = stage_hash(cfg, name, hashes.get(stage.init))
+        done = manifest["stages"].get(name, {})
+        if done.get("status") == "done":
+            if done.get("config_hash") != hashes[name]:
+                raise UserError(f"Stage {name!r} in {run_dir} was run with another configuration. Re-running into "
+                                f"the same folder only resumes the same experiment: use a new run folder, or delete "
+                                f"{run_dir / name} and its entry in manifest.json to run that stage again.")
+            log.info("Stage %s: done in an earlier run, skipped", name)
+            continue
+        manifest["stages"][name] = run_stage(cfg, name, stage, manifest["stages"], run_dir) | {"config_hash": hashes[name]}
+        write_json_atomic(manifest_path, manifest)
+    results = report.summarise(manifest["stages"])
+    if rank_zero_only.rank == 0:
+        report.write(run_dir, results)
+    return results
+
+
+def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path) -> dict:
+    """Train one stage (initialised from its `init` stage, or resumed from its own last.ckpt) and test it."""
+    stage_dir = run_dir / name
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build(cfg.data[stage.task])
+    if datamodule.split_sizes()["val"] == 0:
+        raise UserError(f"Stage {name!r}: the validation split is empty; the best checkpoint is chosen on it, so "
+                        f"set data.{stage.task}.val_fraction above 0 (or give more training samples).")
+    module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True),
+                              num_classes=datamodule.num_classes,
+                              optimizer=OmegaConf.to_container(stage.optimizer, resolve=True),
+                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True), train=stage.train)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    resume = last.is_file()
+    if resume:
+        log.info("Stage %s: resuming from %s", name, last)
+    elif stage.init:
+        source = run_dir / done[stage.init]["best_ckpt"]
+        log.info("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
+        init_from_checkpoint(module, source, new_head=stage.init_head == "new")
+    callbacks = [build(c) for c in cfg.callbacks.values()]
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    checkpoint.dirpath = str(stage_dir / "checkpoints")
+    trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
+                           logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()])
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    best = checkpoint.best_model_path
+    if not best:
+        raise UserError(f"Stage {name!r} saved no best checkpoint: was {checkpoint.monitor!r} logged? "
+                        "Check callbacks.model_checkpoint.monitor and trainer.limit_val_batches.")
+    [test] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    return {
+        "status": "done",
+        "task": stage.task,
+        "init": stage.init,
+        "best_ckpt": os.path.relpath(best, run_dir),
+        "last_ckpt": os.path.relpath(checkpoint.last_model_path, run_dir) if checkpoint.last_model_path else None,
+        "best_val": float(checkpoint.best_model_score),
+        "epochs": trainer.current_epoch,
+        "splits": datamodule.split_sizes(),
+        "test": {k.removeprefix("test/"): float(v) for k, v in test.items()},
+        "wall_time_s": round(time.time() - start, 1),
+    }
+
+
+def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.Trainer:
+    """The Trainer of `cfg.trainer`; a set `trainer.max_epochs` caps every stage's epochs (debug presets)."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    cap = trainer_cfg.pop("max_epochs", None)
+    epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None
+    return build(trainer_cfg, max_epochs=epochs, **kwargs)
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a UserError raised by the target surfaces as itself."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        target = node.get("_target_") if hasattr(node, "get") else None
+        raise UserError(f"Could not build {target}: {cause or err}. Check the options given to it.") from None
+
+
+def validate_stages(cfg: DictConfig) -> None:
+    seen: list[str] = []
+    for name, stage in cfg.stages.items():
+        if stage.task not in cfg.data or not isinstance(cfg.data[stage.task], DictConfig):
+            raise UserError(f"stages.{name}.task={stage.task!r}: the data config {cfg.data.get('name', '')} "
+                            f"has no such task; use one of: source, target.")
+        if stage.init is not None and stage.init not in seen:
+            raise UserError(f"stages.{name}.init={stage.init!r} must name an earlier stage "
+                            f"(stages before it: {', '.join(seen) or 'none'}).")
+        if stage.init_head not in ("new", "keep"):
+            raise UserError(f"stages.{name}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
+        if stage.epochs < 1:
+            raise UserError(f"stages.{name}.epochs must be at least 1, got {stage.epochs}.")
+        seen.append(name)
+
+
+def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
+    """What determines a stage's result: its recipe, data, model, seed, trainer, and its upstream stage."""
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)
+    stage = cfg.stages[name]
+    what = {"stage": plain(stage), "data": plain(cfg.data[stage.task]), "model": plain(cfg.model), "seed": cfg.seed,
+            "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@rank_zero_only
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file, then rename: a kill mid-write leaves the old file whole."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

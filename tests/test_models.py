@@ -1,0 +1,73 @@
+"""The reference ConvNet exactly as the mission describes it, and the torchvision backbones."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from transferlab.errors import UserError
+from transferlab.models import build_backbone
+from transferlab.module import ClassifierModule
+
+SGD = {"name": "sgd", "lr": 0.01}
+
+
+def test_convnet_layers_and_split():
+    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=SGD)
+    convs = [m for m in module.backbone if isinstance(m, nn.Conv2d)]
+    linears = [m for m in module.backbone if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (3, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(64 * 8 * 8, 128)]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in module.backbone) == 2
+    assert (module.head.in_features, module.head.out_features) == (128, 10)
+    assert module.backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
+    assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # 3*32*9+32 + 32*64*9+64 + 4096*128+128 + 128*10+10
+    assert sum(p.numel() for p in module.parameters()) == 896 + 18496 + 524416 + 1290
+
+
+@pytest.mark.parametrize("arch,features", [("resnet18", 512), ("resnet50", 2048)])
+def test_resnet_backbones_on_32px(arch, features):
+    backbone, dim = build_backbone(arch, small_input=True)
+    assert dim == features
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, nn.Identity)
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, features)
+
+
+def test_resnet_from_local_torchvision_weights(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    backbone, _ = build_backbone("resnet18", weights=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.equal(backbone.conv1.weight, reference.conv1.weight)  # ImageNet stem kept without small_input
+
+
+def test_resnet_weights_of_another_architecture_are_named(tmp_path):
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(UserError, match="does not fit torchvision resnet18"):
+        build_backbone("resnet18", weights=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(UserError, match="does not exist"):
+        build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(UserError, match="convnet, resnet18, resnet50"):
+        build_backbone("vgg")
+
+
+def test_head_training_freezes_the_backbone_and_optimizes_only_the_head():
+    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=SGD, train="head")
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+    optimizer = module.configure_optimizers()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.head.parameters()}
+
+
+@pytest.mark.parametrize("bad,message", [({"name": "sgd", "lr": -1}, "lr must be positive"),
+                                         ({"name": "lbfgs", "lr": 0.1}, "available: sgd, adamw")])
+def test_bad_optimizer_settings_are_named(bad, message):
+    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=bad)
+    with pytest.raises(UserError, match=message):
+        module.configure_optimizers()
