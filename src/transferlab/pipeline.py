@@ -82,7 +82,7 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
         init_from_checkpoint(module, source, new_head=stage.init_head == "new")
     callbacks = [build(c) for c in cfg.callbacks.values()]
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
-    checkpoint.dirpath = str(stage_dir / "checkpoints")
+    checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
     trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
                            logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()])
     start = time.time()
@@ -97,7 +97,7 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
         "task": stage.task,
         "init": stage.init,
         "best_ckpt": os.path.relpath(best, run_dir),
-        "last_ckpt": os.path.relpath(checkpoint.last_model_path, run_dir) if checkpoint.last_model_path else None,
+        "last_ckpt": os.path.relpath(last, run_dir),
         "best_val": float(checkpoint.best_model_score),
         "epochs": trainer.current_epoch,
         "splits": datamodule.split_sizes(),

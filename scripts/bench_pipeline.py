@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Time `transferlab` with its defaults (four stages on the built-in data) and report the transfer gain.
+
+    python scripts/bench_pipeline.py [extra Hydra overrides]
+
+Writes outputs/bench/pipeline.json and prints it.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    run_dir = REPO / "outputs" / "bench" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [str(Path(sys.executable).parent / "transferlab"), f"hydra.run.dir={run_dir}",
+               "trainer.enable_progress_bar=false", *sys.argv[1:]]
+    start = time.time()
+    subprocess.run(command, check=True, cwd=REPO)
+    wall = time.time() - start
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    results = json.loads((run_dir / "results.json").read_text())
+    report = {
+        "command": " ".join(command[1:]),
+        "wall_time_s": round(wall, 1),
+        "stage_wall_time_s": {name: s["wall_time_s"] for name, s in manifest.items()},
+        "test_acc": {name: round(s["test"]["acc"], 4) for name, s in manifest.items()},
+        "transfer_gain_points": round(results["gain/acc"] * 100, 2),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "run_dir": str(run_dir),
+    }
+    out = REPO / "outputs" / "bench" / "pipeline.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
