@@ -51,7 +51,7 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

@@ -1,0 +1,66 @@
+"""Multi-process DDP (gloo on CPU), multirun sweeps with their report, and an Optuna search: real runs."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, TINY, run_cli
+
+ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs=1"]
+
+
+def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path):
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{REPO / 'tests'}:{env_path}"
+    try:
+        run_cli("transferlab", *TINY, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path}",
+                "+callbacks.record._target_=helpers.RecordTestMetrics")
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["manifest.json", "results.json"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["stages"]
+    assert list(manifest) == ["source", "pretrain", "finetune", "scratch"]
+    for name, stage in manifest.items():
+        seen = [json.loads((tmp_path / name / f"test_metrics_rank{r}.json").read_text()) for r in (0, 1)]
+        assert seen[0] == seen[1], name  # torchmetrics synced across ranks
+        for key, value in seen[0].items():
+            assert stage["test"][key] == pytest.approx(value, abs=1e-6), (name, key)
+    assert (tmp_path / "train_ddp_process_1.log").is_file()  # Lightning's rank-1 log, in the same folder
+    assert not any(p.is_dir() and p.name not in manifest and p.name != ".hydra" for p in tmp_path.iterdir())
+
+
+def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("transferlab", "-m", "stages.finetune.optimizer.lr=0.01,0.001", "seed=0,1", *ONE_EPOCH,
+            "~stages.scratch", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert json.loads((sweep / job / "results.json").read_text())["finetune/test/acc"] >= 0
+    proc = run_cli("transferlab-report", str(sweep))
+    rows = (sweep / "report.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:5] == ["job", "status", "seed", "stages.finetune.optimizer.lr", "objective"]
+    assert len(rows) == 5 and all(r.split(",")[1] == "done" for r in rows[1:])
+    assert {tuple(r.split(",")[2:4]) for r in rows[1:]} == {("0", "0.01"), ("0", "0.001"), ("1", "0.01"),
+                                                            ("1", "0.001")}
+    for name in ("objective_vs_seed.png", "objective_vs_stages.finetune.optimizer.lr.png"):
+        assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| job | status | seed |" in proc.stdout
+
+
+def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
+    proc = run_cli("transferlab-report", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no job folders" in proc.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+    run_cli("transferlab", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *ONE_EPOCH,
+            "~stages.scratch", f"hydra.sweep.dir={tmp_path}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "stages.finetune.optimizer.lr" in best and "best_value" in best
+    values = [json.loads((tmp_path / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
+    assert f"best_value: {max(values)}" in best
