@@ -25,9 +25,17 @@ TINY = [
 
 
 def compose_config(run_dir: Path, overrides: list[str] = (), config_name: str = "config"):
-    """The real Hydra config, as the CLI composes it, with `run_dir` as the run folder."""
+    """The real Hydra config, as the CLI composes it, with `run_dir` as the run folder (and the stage cache
+    next to it)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, f"paths.run_dir={run_dir}"])
+        return compose(config_name=config_name, overrides=[*overrides, f"paths.run_dir={run_dir}",
+                                                           f"paths.output_root={Path(run_dir).parent}"])
+
+
+@pytest.fixture(autouse=True)
+def _outputs_in_tmp(tmp_path, monkeypatch):
+    """Console scripts started by a test write outputs (and the stage cache) under its tmp_path."""
+    monkeypatch.setenv("TRANSFERLAB_OUTPUT_ROOT", str(tmp_path / "outputs"))
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Each stage gets its own folder (`<run>/<stage>/`), Trainer and ModelCheckpoint; 
 into the same folder skips finished stages and resumes an unfinished one from its `last.ckpt`.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,13 +15,15 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import report
+from transferlab import __version__, report
+from transferlab.cache import NoCache, StageCache
 from transferlab.errors import UserError
 from transferlab.module import ClassifierModule
 from transferlab.transfer import init_from_checkpoint
@@ -41,6 +44,7 @@ def run(cfg: DictConfig) -> dict:
     manifest = read_json(manifest_path) or {"stages": {}}
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
     validate_stages(cfg)
+    cache = StageCache(cfg.paths.cache_dir) if cfg.cache else NoCache()
     hashes: dict[str, str] = {}
     for name, stage in cfg.stages.items():
         hashes[name] = stage_hash(cfg, name, hashes.get(stage.init))
@@ -52,12 +56,54 @@ def run(cfg: DictConfig) -> dict:
                                 f"{run_dir / name} and its entry in manifest.json to run that stage again.")
             log.info("Stage %s: done in an earlier run, skipped", name)
             continue
-        manifest["stages"][name] = run_stage(cfg, name, stage, manifest["stages"], run_dir) | {"config_hash": hashes[name]}
+        entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, cache, hashes[name])
+        manifest["stages"][name] = entry | {"config_hash": hashes[name]}
         write_json_atomic(manifest_path, manifest)
     results = report.summarise(manifest["stages"])
     if rank_zero_only.rank == 0:
         report.write(run_dir, results)
     return results
+
+
+def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, cache, key: str) -> dict:
+    """A given checkpoint (`stages.<name>.ckpt`), else the cached stage, else train it (and cache it).
+
+    Under DDP only rank zero takes the lock, and rank zero's decision is broadcast so that every rank
+    trains, or skips, the same stages."""
+    if stage.get("ckpt"):
+        return given_checkpoint(name, stage)
+    entry = _rank_zero_decides(cache.fetch(name, key, run_dir))
+    if entry is not None:
+        log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
+        return entry | {"cached": True}
+    with cache.lock(name, key) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        entry = _rank_zero_decides(cache.fetch(name, key, run_dir))  # trained by a parallel job meanwhile?
+        if entry is not None:
+            log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
+            return entry | {"cached": True}
+        entry = run_stage(cfg, name, stage, done, run_dir)
+        if rank_zero_only.rank == 0:
+            cache.publish(name, key, run_dir, entry)
+    return entry | {"cached": False}
+
+
+def _rank_zero_decides(value):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def given_checkpoint(name: str, stage: DictConfig) -> dict:
+    """`stages.<name>.ckpt=<path>`: use an existing checkpoint as this stage's result, without training."""
+    path = Path(stage.ckpt).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"stages.{name}.ckpt={stage.ckpt} does not exist: give the path of a .ckpt file "
+                        "(e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
+    log.info("Stage %s: using the given checkpoint %s", name, path)
+    return {"status": "done", "task": stage.task, "init": None, "best_ckpt": str(path), "last_ckpt": None,
+            "given_ckpt": True, "test": {}, "wall_time_s": 0.0}
 
 
 def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path) -> dict:
@@ -68,23 +114,25 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
     if datamodule.split_sizes()["val"] == 0:
         raise UserError(f"Stage {name!r}: the validation split is empty; the best checkpoint is chosen on it, so "
                         f"set data.{stage.task}.val_fraction above 0 (or give more training samples).")
+    callbacks = [build(c) for c in cfg.callbacks.values()]
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
+    trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
+                           logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()])
+    optimizer = OmegaConf.to_container(stage.optimizer, resolve=True)
+    if cfg.scale_lr:  # linear scaling rule: lr x global batch / reference batch
+        optimizer["lr"] *= datamodule.batch_size * trainer.world_size / cfg.reference_batch_size
     module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True),
-                              num_classes=datamodule.num_classes,
-                              optimizer=OmegaConf.to_container(stage.optimizer, resolve=True),
+                              num_classes=datamodule.num_classes, optimizer=optimizer,
                               scheduler=OmegaConf.to_container(stage.scheduler, resolve=True), train=stage.train)
     last = stage_dir / "checkpoints" / "last.ckpt"
     resume = last.is_file()
     if resume:
         log.info("Stage %s: resuming from %s", name, last)
     elif stage.init:
-        source = run_dir / done[stage.init]["best_ckpt"]
+        source = run_dir / done[stage.init]["best_ckpt"]  # relative to the run, or absolute (a given ckpt)
         log.info("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
         init_from_checkpoint(module, source, new_head=stage.init_head == "new")
-    callbacks = [build(c) for c in cfg.callbacks.values()]
-    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
-    checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
-    trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
-                           logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()])
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     best = checkpoint.best_model_path
@@ -146,8 +194,12 @@ def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
     """What determines a stage's result: its recipe, data, model, seed, trainer, and its upstream stage."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)
     stage = cfg.stages[name]
-    what = {"stage": plain(stage), "data": plain(cfg.data[stage.task]), "model": plain(cfg.model), "seed": cfg.seed,
-            "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream}
+    what = {"version": __version__, "stage": plain(stage), "data": plain(cfg.data[stage.task]), "model": plain(cfg.model), "seed": cfg.seed,
+            "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream,
+            "lr_scale": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None}
+    if stage.get("ckpt"):  # a given checkpoint: what determines it is the file
+        path = Path(stage.ckpt).expanduser()
+        what = {"ckpt": str(path.resolve()), "size": path.stat().st_size if path.is_file() else None}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

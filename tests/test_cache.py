@@ -1,0 +1,70 @@
+"""The stage cache: a stage whose determining config matches an earlier run is reused, not retrained;
+parallel jobs needing the same stage train it once; a given checkpoint replaces a stage."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, TINY, compose_config, run_cli
+from transferlab.pipeline import run
+from transferlab.transfer import load_checkpoint
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["stages"]
+
+
+def test_changing_only_the_finetune_lr_reuses_source_and_pretrain(tmp_path):
+    first = compose_config(tmp_path / "a", [*TINY, "~stages.scratch"])
+    run(first)
+    second = compose_config(tmp_path / "b", [*TINY, "~stages.scratch", "stages.finetune.optimizer.lr=0.05"])
+    run(second)
+    stages = manifest(tmp_path / "b")
+    assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
+    assert stages["source"]["cached_from"] == str((tmp_path / "cache").resolve() / f"source-{stages['source']['config_hash']}")
+    assert not (tmp_path / "b" / "source" / "csv").exists()  # no Trainer ran for source: no training step
+    assert stages["source"]["test"] == manifest(tmp_path / "a")["source"]["test"]
+    reused = load_checkpoint(tmp_path / "b" / "source" / "checkpoints" / "best.ckpt")["state_dict"]
+    original = load_checkpoint(tmp_path / "a" / "source" / "checkpoints" / "best.ckpt")["state_dict"]
+    assert all((reused[k] == original[k]).all() for k in original)
+
+
+def test_cache_false_trains_every_stage(tmp_path):
+    run(compose_config(tmp_path / "a", [*TINY, "~stages.scratch", "~stages.finetune"]))
+    run(compose_config(tmp_path / "b", [*TINY, "~stages.scratch", "~stages.finetune", "cache=false"]))
+    assert [s["cached"] for s in manifest(tmp_path / "b").values()] == [False, False]
+    assert (tmp_path / "b" / "source" / "csv").is_dir()
+
+
+def test_two_parallel_jobs_train_the_shared_source_stage_once(tmp_path):
+    script = Path(sys.executable).parent / "transferlab"
+    jobs = [subprocess.Popen([str(script), *TINY, "~stages.scratch", f"stages.finetune.optimizer.lr={lr}",
+                              f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / name}"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name, lr in (("a", 0.01), ("b", 0.02))]
+    for job in jobs:
+        out, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, out[-3000:]
+    sources = [manifest(tmp_path / name)["source"] for name in ("a", "b")]
+    assert sorted(s["cached"] for s in sources) == [False, True]
+    assert sum((tmp_path / name / "source" / "csv").is_dir() for name in ("a", "b")) == 1
+    assert sources[0]["test"] == sources[1]["test"]
+
+
+def test_a_given_source_checkpoint_replaces_the_source_stage(tmp_path):
+    run(compose_config(tmp_path / "a", [*TINY, "~stages.scratch", "~stages.finetune", "~stages.pretrain"]))
+    given = tmp_path / "a" / "source" / "checkpoints" / "best.ckpt"
+    cfg = compose_config(tmp_path / "b", [*TINY, "~stages.scratch", "~stages.finetune", "cache=false",
+                                          f"stages.source.ckpt={given}", "objective=pretrain/test/acc"])
+    run(cfg)
+    stages = manifest(tmp_path / "b")
+    assert stages["source"]["given_ckpt"] and stages["source"]["best_ckpt"] == str(given.resolve())
+    assert not (tmp_path / "b" / "source").exists()
+    assert stages["pretrain"]["status"] == "done"
+
+
+def test_a_given_checkpoint_that_does_not_exist_is_named(tmp_path):
+    proc = run_cli("transferlab", *TINY, f"stages.source.ckpt={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/r",
+                   check=False)
+    assert proc.returncode == 2 and f"stages.source.ckpt={tmp_path}/nope.ckpt does not exist" in proc.stderr
