@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from torchvision.transforms import v2
 
 from transferlab.errors import UserError
@@ -26,6 +26,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     loaders: tuple[str, ...] = ("memory", "workers")
+    copy_subsets = True  # False: splits index lazily into the (memory-mapped, shared) images instead of copying
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
@@ -113,7 +114,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _subset(self, data, labels: torch.Tensor, idx: torch.Tensor, train: bool):
         if self.loader == "memory":
             images, _ = data
-            return images[idx], labels[idx]
+            return (images[idx] if self.copy_subsets else Rows(images, idx)), labels[idx]
         return RelabelledSubset(data, idx.tolist(), labels, self.train_transform() if train else self.eval_transform())
 
     # -- loaders ---------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class ClassificationDataModule(L.LightningDataModule):
                               batch_size=None, pin_memory=self.pin_memory)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          drop_last=False)
+                          drop_last=False, collate_fn=collate_readable)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer else 0
@@ -242,6 +243,20 @@ class InMemoryBatches(IterableDataset):
             yield self.images[idx], self.labels[idx]
 
 
+class Rows:
+    """Rows `idx` of a tensor, indexed lazily: a split of a memory-mapped dataset without copying it."""
+
+    def __init__(self, base: torch.Tensor, idx: torch.Tensor):
+        self.base, self.idx = base, idx
+        self.shape, self.dtype = (len(idx), *base.shape[1:]), base.dtype
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return self.base[self.idx[i]]
+
+
 class RelabelledSubset(Dataset):
     """A subset of a (PIL image, label) dataset with renumbered labels and its own transform."""
 
@@ -253,4 +268,14 @@ class RelabelledSubset(Dataset):
 
     def __getitem__(self, i: int):
         image, _ = self.data[self.indices[i]]
+        if image is None:  # an unreadable file, skipped (skip_corrupt): dropped by `collate_readable`
+            return None
         return self.transform(image), int(self.labels[self.indices[i]])
+
+
+def collate_readable(samples: list):
+    """default_collate of the samples that could be read (a skipped unreadable file is None)."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise UserError(f"All {len(samples)} images of a batch were unreadable: check the dataset's files.")
+    return default_collate(kept)
