@@ -158,10 +158,9 @@ class ClassificationDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training and self.augment:
             x = random_crop_flip(x, padding=4, generator=self._augment_generator(x.device))
-        x = x.float().div_(255)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std, y
+        return x.float().mul_(1 / (255 * std)).sub_(mean / std), y  # (x / 255 - mean) / std, in place
 
 
 def _labels(data) -> torch.Tensor:
@@ -195,17 +194,20 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, samples_per_clas
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched RandomCrop(size, padding) + RandomHorizontalFlip on a B x C x H x W tensor, on its device."""
+    """Batched RandomCrop(size, padding) + RandomHorizontalFlip on a B x C x H x W tensor, on its device:
+    one gather from the zero-padded batch, with the flip folded into the column index."""
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = torch.nn.functional.pad(x, (padding,) * 4).reshape(b, c * hp * wp)
     dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(b, device=x.device)[:, None, None, None],
-                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip, cols.flip(0), cols) + dx  # B x W
+    rows = torch.arange(h, device=x.device) + dy  # B x H
+    index = (torch.arange(c, device=x.device).view(1, c, 1, 1) * (hp * wp)
+             + rows[:, None, :, None] * wp + cols[:, None, None, :])
+    return padded.gather(1, index.reshape(b, -1)).view(b, c, h, w)
 
 
 class InMemoryBatches(IterableDataset):
