@@ -11,6 +11,7 @@ Measures images/s of
 - `memory_imagenet32`: the memory path over a generated Imagenet32-sized memory-mapped cache entry (the
   format `data/cache.py` writes), indexed without copying.
 All data is generated (random pixels), so it runs offline; the report goes to outputs/bench/data.json.
+Every measurement uses the same number of torch threads (`--threads`, default 1).
 """
 
 import argparse
@@ -106,11 +107,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of the input paths")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the workers path")
     parser.add_argument("--out", default="outputs/bench/data.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for every measurement (default 1: on a shared machine, "
+                             "threads that wait for busy cores make every figure erratic)")
     parser.add_argument("--keep-cache", action="store_true", help="keep the generated Imagenet32-sized cache entry")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     cifar_n, in32_n = (10_000, 100_000) if args.quick else (50_000, IMAGENET32_TRAIN)
     report = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "load_average_1_5_15min_at_start": os.getloadavg(),
                           "platform": platform.platform(), "torch": torch.__version__},
               "args": vars(args), "images_per_s": {}}
     ips = report["images_per_s"]
@@ -142,6 +148,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    report["machine"]["load_average_1_5_15min_at_end"] = os.getloadavg()  # the machine is shared: context for the figures
     report["memory_over_convnet"] = min(ips["memory_cifar10"], ips["memory_imagenet32"]) / ips["convnet_train_batch64"]
     report["memory_fast_enough"] = report["memory_over_convnet"] >= 5
     out = Path(args.out)
