@@ -2,7 +2,8 @@
 
 - `memory`: the whole split as a uint8 tensor N x 3 x H x W, indexed a batch at a time (no per-sample
   collate); crop, flip and normalisation run batched on the training device (`on_after_batch_transfer`).
-  This is the path for 32x32 data, where per-sample PIL transforms would be the bottleneck.
+  This is the path for 32x32 data, where per-sample PIL transforms would be the bottleneck. Large sets
+  (Imagenet32) come as a memory-mapped cache (`cache.py`) that the splits index lazily (`Rows`), not copy.
 - `workers`: a torchvision dataset with per-sample PIL transforms in DataLoader worker processes, for
   large images read from files.
 """

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -81,8 +81,3 @@ def cached_dir(cache_dir: str | Path, name: str, key: str, write: Callable[[Path
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return entry
-
-
-def chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

@@ -122,15 +122,14 @@ class ImageNetDataModule(ClassificationDataModule):
     def _root(self) -> Path:
         if self.root is None:
             raise UserError(f"ImageNet root is not set: pass data.source.root=<folder with {LAYOUT}>.")
-        root = Path(self.root).expanduser()
-        if find_files(root)["train"]:
-            raise UserError(f"{root} holds downsampled ImageNet batch files (train_data_batch_*): use "
-                            "data/source=imagenet32 (or data=imagenet32_cifar10) for them.")
-        return root
+        return Path(self.root).expanduser()
 
     def _folder(self, split: str) -> Path:
         folder = self._root() / split
         if not folder.is_dir():
+            if find_files(self._root())["train"]:
+                raise UserError(f"{self._root()} holds downsampled ImageNet batch files (train_data_batch_*): use "
+                                "data/source=imagenet32 (or data=imagenet32_cifar10) for them.")
             raise UserError(f"ImageNet folder {folder} does not exist: expected {LAYOUT}, or the official layout "
                             f"(flat val/ with {META_FILE} or {DEVKIT}). Point data.source.root at the folder that "
                             "holds train/ and val/.")
