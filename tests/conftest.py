@@ -93,3 +93,23 @@ def real_cifar10(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(SHARED_DATA / "cifar10" / "build_cifar10.py"), str(out)], check=True,
                    capture_output=True)
     return out
+
+
+def write_imagenet32(root: Path, n_train: int = 60, n_val: int = 20, size: int = 32, batches: int = 3,
+                     npz: bool = False, seed: int = 0) -> Path:
+    """Downsampled ImageNet in the release layout: `Imagenet{size}_train/train_data_batch_1..` and
+    `Imagenet{size}_val/val_data` (pickled dicts, or `.npz`), `data` N x 3*size*size, `labels` 1..1000."""
+    rng = np.random.default_rng(seed)
+    files = [(f"Imagenet{size}_train", f"train_data_batch_{i}", n_train // batches) for i in range(1, batches + 1)]
+    for folder, name, n in [*files, (f"Imagenet{size}_val", "val_data", n_val)]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        entry = {"data": rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8),
+                 "labels": [int(i % 5) + 1 for i in range(n)]}
+        if name.startswith("train"):
+            entry["mean"] = entry["data"].mean(0)
+        if npz:
+            np.savez(root / folder / f"{name}.npz", **entry)
+        else:
+            with open(root / folder / name, "wb") as f:
+                pickle.dump(entry, f)
+    return root

@@ -22,7 +22,7 @@ def test_changing_only_the_finetune_lr_reuses_source_and_pretrain(tmp_path):
     run(second)
     stages = manifest(tmp_path / "b")
     assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
-    assert stages["source"]["cached_from"] == str((tmp_path / "cache").resolve() / f"source-{stages['source']['config_hash']}")
+    assert stages["source"]["cached_from"] == str((tmp_path / "cache" / "stages").resolve() / f"source-{stages['source']['config_hash']}")
     assert not (tmp_path / "b" / "source" / "csv").exists()  # no Trainer ran for source: no training step
     assert stages["source"]["test"] == manifest(tmp_path / "a")["source"]["test"]
     reused = load_checkpoint(tmp_path / "b" / "source" / "checkpoints" / "best.ckpt")["state_dict"]

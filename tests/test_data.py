@@ -179,3 +179,35 @@ def test_random_crop_flip_statistics():
     assert offsets.min() >= -4 and offsets.max() <= 4 and len(offsets.unique()) == 9
     same = random_crop_flip(x[:8], padding=4, generator=torch.Generator().manual_seed(5))
     assert torch.equal(same, random_crop_flip(x[:8], padding=4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_memory_path_augments_in_training_only_deterministically_per_seed_and_epoch():
+    from types import SimpleNamespace
+    images = torch.arange(32, dtype=torch.uint8).mul(4).repeat(200, 3, 32, 1)  # pixel value = 4 x column
+    batch = (images, torch.zeros(200, dtype=torch.long))
+
+    def first_batch(epoch, training=True, seed=0):  # a fresh data module: the first batch of that epoch
+        dm = BuiltinDataModule(task="target", augment=True, seed=seed)
+        dm.trainer = SimpleNamespace(training=training, current_epoch=epoch, global_rank=0)
+        return dm.on_after_batch_transfer(batch, 0)[0]
+
+    plain = first_batch(0, training=False)
+    assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.5)  # eval: normalised only
+    first = first_batch(0)
+    assert torch.equal(first, first_batch(0))  # same seed and epoch: same augmentation (a resumed run)
+    assert not torch.equal(first, first_batch(1)) and not torch.equal(first, first_batch(0, seed=1))
+    row = (first[:, 0, 16] * 0.5 + 0.5) * 255 / 4  # back to column indices (row 16 is never padding)
+    flipped = row[:, 20] < row[:, 10]
+    assert 0.35 < flipped.float().mean() < 0.65  # about half flipped
+    shift = torch.where(flipped, row[:, 10].round() - 21, row[:, 10].round() - 10)  # crop offset -4..4
+    assert shift.min() == -4 and shift.max() == 4 and len(shift.unique()) == 9
+
+
+def test_cifar10_images_of_the_wrong_size_name_the_expected_shape(tmp_path):
+    root = write_cifar10(tmp_path)
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    entry = pickle.loads(path.read_bytes())
+    entry["data"] = entry["data"][:, :1000]  # neither 3 x 32 x 32 nor a multiple of it
+    path.write_bytes(pickle.dumps(entry))
+    with pytest.raises(UserError, match=r"data_batch_2 holds data of shape \(10, 1000\); expected N x 3072"):
+        CIFAR10DataModule(root=str(root)).setup()

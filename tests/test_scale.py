@@ -11,6 +11,7 @@ ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs=1"]
 
 
 def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path):
+    tmp_path = tmp_path / "run"  # outputs/ (the stage cache) stays beside it
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO / 'tests'}:{env_path}"
     try:
@@ -64,3 +65,14 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     assert "stages.finetune.optimizer.lr" in best and "best_value" in best
     values = [json.loads((tmp_path / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
     assert f"best_value: {max(values)}" in best
+
+
+@pytest.mark.slow
+def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
+    """Rank zero decides what comes from the cache and broadcasts it: both ranks skip the same stages."""
+    common = [*ONE_EPOCH, "~stages.scratch", "trainer=ddp_cpu", f"paths.output_root={tmp_path}"]
+    run_cli("transferlab", *common, f"hydra.run.dir={tmp_path / 'a'}")
+    run_cli("transferlab", *common, "stages.finetune.optimizer.lr=0.05", f"hydra.run.dir={tmp_path / 'b'}")
+    stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+    assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
+    assert not (tmp_path / "b" / "source" / "csv").exists() and (tmp_path / "b" / "finetune" / "csv").is_dir()

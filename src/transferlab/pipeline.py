@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
     manifest = read_json(manifest_path) or {"stages": {}}
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
     validate_stages(cfg)
-    cache = StageCache(cfg.paths.cache_dir) if cfg.cache else NoCache()
+    cache = StageCache(Path(cfg.paths.cache_dir) / "stages") if cfg.cache else NoCache()
     hashes: dict[str, str] = {}
     for name, stage in cfg.stages.items():
         hashes[name] = stage_hash(cfg, name, hashes.get(stage.init))
@@ -194,7 +194,7 @@ def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
     """What determines a stage's result: its recipe, data, model, seed, trainer, and its upstream stage."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)
     stage = cfg.stages[name]
-    what = {"version": __version__, "stage": plain(stage), "data": plain(cfg.data[stage.task]), "model": plain(cfg.model), "seed": cfg.seed,
+    what = {"version": __version__, "stage": plain(stage), "data": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"}, "model": plain(cfg.model), "seed": cfg.seed,
             "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream,
             "lr_scale": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None}
     if stage.get("ckpt"):  # a given checkpoint: what determines it is the file

@@ -2,7 +2,8 @@
 
 - `memory`: the whole split as a uint8 tensor N x 3 x H x W, indexed a batch at a time (no per-sample
   collate); crop, flip and normalisation run batched on the training device (`on_after_batch_transfer`).
-  This is the path for 32x32 data, where per-sample PIL transforms would be the bottleneck.
+  This is the path for 32x32 data, where per-sample PIL transforms would be the bottleneck. Large sets
+  (Imagenet32) come as a memory-mapped cache (`cache.py`) that the splits index lazily (`Rows`), not copy.
 - `workers`: a torchvision dataset with per-sample PIL transforms in DataLoader worker processes, for
   large images read from files.
 """
@@ -11,7 +12,7 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from torchvision.transforms import v2
 
 from transferlab.errors import UserError
@@ -26,6 +27,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     loaders: tuple[str, ...] = ("memory", "workers")
+    copy_subsets = True  # False: splits index lazily into the (memory-mapped, shared) images instead of copying
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
@@ -113,7 +115,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _subset(self, data, labels: torch.Tensor, idx: torch.Tensor, train: bool):
         if self.loader == "memory":
             images, _ = data
-            return images[idx], labels[idx]
+            return (images[idx] if self.copy_subsets else Rows(images, idx)), labels[idx]
         return RelabelledSubset(data, idx.tolist(), labels, self.train_transform() if train else self.eval_transform())
 
     # -- loaders ---------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class ClassificationDataModule(L.LightningDataModule):
                               batch_size=None, pin_memory=self.pin_memory)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          drop_last=False)
+                          drop_last=False, collate_fn=collate_readable)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer else 0
@@ -157,10 +159,9 @@ class ClassificationDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training and self.augment:
             x = random_crop_flip(x, padding=4, generator=self._augment_generator(x.device))
-        x = x.float().div_(255)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std, y
+        return x.float().mul_(1 / (255 * std)).sub_(mean / std), y  # (x / 255 - mean) / std, in place
 
 
 def _labels(data) -> torch.Tensor:
@@ -194,17 +195,20 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, samples_per_clas
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched RandomCrop(size, padding) + RandomHorizontalFlip on a B x C x H x W tensor, on its device."""
+    """Batched RandomCrop(size, padding) + RandomHorizontalFlip on a B x C x H x W tensor, on its device:
+    one gather from the zero-padded batch, with the flip folded into the column index."""
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = torch.nn.functional.pad(x, (padding,) * 4).reshape(b, c * hp * wp)
     dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(b, device=x.device)[:, None, None, None],
-                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip, cols.flip(0), cols) + dx  # B x W
+    rows = torch.arange(h, device=x.device) + dy  # B x H
+    index = (torch.arange(c, device=x.device).view(1, c, 1, 1) * (hp * wp)
+             + rows[:, None, :, None] * wp + cols[:, None, None, :])
+    return padded.gather(1, index.reshape(b, -1)).view(b, c, h, w)
 
 
 class InMemoryBatches(IterableDataset):
@@ -242,6 +246,20 @@ class InMemoryBatches(IterableDataset):
             yield self.images[idx], self.labels[idx]
 
 
+class Rows:
+    """Rows `idx` of a tensor, indexed lazily: a split of a memory-mapped dataset without copying it."""
+
+    def __init__(self, base: torch.Tensor, idx: torch.Tensor):
+        self.base, self.idx = base, idx
+        self.shape, self.dtype = (len(idx), *base.shape[1:]), base.dtype
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return self.base[self.idx[i]]
+
+
 class RelabelledSubset(Dataset):
     """A subset of a (PIL image, label) dataset with renumbered labels and its own transform."""
 
@@ -253,4 +271,14 @@ class RelabelledSubset(Dataset):
 
     def __getitem__(self, i: int):
         image, _ = self.data[self.indices[i]]
+        if image is None:  # an unreadable file, skipped (skip_corrupt): dropped by `collate_readable`
+            return None
         return self.transform(image), int(self.labels[self.indices[i]])
+
+
+def collate_readable(samples: list):
+    """default_collate of the samples that could be read (a skipped unreadable file is None)."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise UserError(f"All {len(samples)} images of a batch were unreadable: check the dataset's files.")
+    return default_collate(kept)

@@ -64,6 +64,8 @@ class CIFAR10DataModule(ClassificationDataModule):
             raise UserError(_find_bad_file(root / "cifar-10-batches-py")) from None
         images = torch.from_numpy(data.data)
         labels = torch.as_tensor(data.targets)
+        if len(images) != len(labels):  # rows of another length that happen to reshape to 3 x 32 x 32
+            raise UserError(_find_bad_file(root / "cifar-10-batches-py"))
         if images.ndim != 4 or tuple(images.shape[1:]) != (32, 32, 3):
             raise UserError(f"CIFAR-10 {split} images under {root} have shape {tuple(images.shape)}, "
                             "expected N x 32 x 32 x 3 (the data rows are 3072 uint8 values, R, G, B planes).")
@@ -83,8 +85,11 @@ def _find_bad_file(folder: Path) -> str:
                 entry = pickle.load(f, encoding="latin1")
             if name != "batches.meta":
                 assert len(entry["data"]) == len(entry.get("labels", entry.get("fine_labels", [])))
-                entry["data"].reshape(-1, 3, 32, 32)
+                data = entry["data"]
         except Exception as err:
             return (f"CIFAR-10 file {folder / name} is truncated or corrupt ({type(err).__name__}: {err}). "
                     "Replace it with a good copy (or re-download with data.target.download=true).")
+        if name != "batches.meta" and (getattr(data, "ndim", 0) != 2 or data.shape[1] != 3072):
+            return (f"CIFAR-10 file {folder / name} holds data of shape {getattr(data, 'shape', '?')}; expected "
+                    "N x 3072 uint8 (3 x 32 x 32: R, G, B planes). Replace it with a good copy.")
     return f"CIFAR-10 under {folder} could not be read; its files look intact: check their permissions."
