@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
 from transferlab.data.base import ClassificationDataModule
@@ -15,10 +16,20 @@ class _FixedClassFolder(ImageFolder):
 
     def __init__(self, root: Path, classes: list[str], allow_empty: bool):
         self._classes = classes
-        super().__init__(str(root), allow_empty=allow_empty)
+        super().__init__(str(root), loader=load_image, allow_empty=allow_empty)
 
     def find_classes(self, directory):
         return self._classes, {c: i for i, c in enumerate(self._classes)}
+
+
+def load_image(path: str) -> Image.Image:
+    """PIL's loader, with a message that names a corrupt or truncated image file."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"Image {path} is corrupt or truncated ({type(err).__name__}: {err}). Replace or delete "
+                        "the file, then re-run into the same folder (hydra.run.dir=...) to resume.") from None
 
 
 class ImageNetDataModule(ClassificationDataModule):
@@ -64,6 +75,11 @@ class ImageNetDataModule(ClassificationDataModule):
             raise UserError(f"ImageNet folder {folder} does not exist: expected {LAYOUT}. "
                             "Point data.source.root at the folder that holds train/ and val/.")
         return folder
+
+    def data_files(self) -> list[Path]:
+        """The image files of the classes used (names and sizes are hashed, not contents)."""
+        self.setup()
+        return [Path(p) for split in ("train", "test") for p, _ in self.splits[split].data.samples]
 
     def load_split(self, split: str):
         folder = self._folder("train" if split == "train" else "val")
