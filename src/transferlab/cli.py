@@ -63,9 +63,9 @@ def _report_user_errors(task):
                        "config file that sets this key (transferlab --cfg job prints the composed config).")
             log.error("%s", err)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
-                job = HydraConfig.get().job
-                FAILED_JOBS.append(f"job {job.num} ({' '.join(job.override_dirname.split(','))}): {err}")
-                print(f"\ntransferlab: job {job.num} failed: {err}", file=sys.stderr)
+                hydra_cfg = HydraConfig.get()
+                FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}")
+                print(f"\ntransferlab: job {hydra_cfg.job.num} failed: {err}", file=sys.stderr)
                 return math.nan
             print(f"\ntransferlab: error: {err}", file=sys.stderr)
             sys.exit(2)
