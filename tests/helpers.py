@@ -1,8 +1,12 @@
 """Callbacks the tests inject through the real config (`+callbacks.<name>._target_=helpers.<Class>`)."""
 
+import errno
+import os
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class CrashAtEpoch(L.Callback):
@@ -25,3 +29,66 @@ class RecordTestMetrics(L.Callback):
                    if k.startswith("test/")}
         path = Path(trainer.default_root_dir) / f"test_metrics_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(metrics))
+
+
+class MarkAndWaitAtStep(L.Callback):
+    """At global step `step` of stage `stage`, write `marker` and wait there to be killed (SIGKILL by the test)."""
+
+    def __init__(self, stage: str, step: int, marker: str):
+        self.stage, self.step, self.marker = stage, step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if Path(trainer.default_root_dir).name == self.stage and trainer.global_step == self.step:
+            Path(self.marker).write_text(f"{self.stage} epoch {trainer.current_epoch} step {trainer.global_step}")
+            time.sleep(120)
+
+
+class PoisonAtEpoch(L.Callback):
+    """Make the weights of stage `stage` NaN at the start of `epoch`: a real divergence, on cue."""
+
+    def __init__(self, stage: str, epoch: int):
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if Path(trainer.default_root_dir).name == self.stage and trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.head.weight.fill_(float("nan"))
+
+
+class DiskFullInStage(L.Callback):
+    """Simulate a full disk while stage `stage` writes a checkpoint: half the bytes land, then ENOSPC."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def setup(self, trainer, pl_module, stage):
+        if Path(trainer.default_root_dir).name != self.stage:
+            return
+
+        def write(data, path):
+            with open(path, "wb") as f:
+                f.write(bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        trainer.strategy.checkpoint_io._write = write
+
+
+class MarkAndWaitInCheckpointWrite(L.Callback):
+    """In epoch `epoch` of stage `stage`, the first checkpoint write stops half-way (its partial file's path
+    goes to `marker`) and waits there to be killed."""
+
+    def __init__(self, stage: str, epoch: int, marker: str):
+        self.stage, self.epoch, self.marker = stage, epoch, marker
+
+    def setup(self, trainer, pl_module, stage):
+        if Path(trainer.default_root_dir).name != self.stage:
+            return
+        io, write = trainer.strategy.checkpoint_io, trainer.strategy.checkpoint_io._write
+
+        def half_then_wait(data, path):
+            if trainer.current_epoch != self.epoch:
+                return write(data, path)
+            with open(path, "wb") as f:
+                f.write(bytes(data)[: len(data) // 2])
+            Path(self.marker).write_text(str(path))
+            time.sleep(120)
+        io._write = half_then_wait

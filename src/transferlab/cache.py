@@ -23,6 +23,9 @@ class StageCache:
     def _entry_dir(self, name: str, key: str) -> Path:
         return self.dir / f"{name}-{key}"
 
+    def has(self, name: str, key: str) -> bool:
+        return (self._entry_dir(name, key) / "entry.json").is_file()
+
     def fetch(self, name: str, key: str, run_dir: Path) -> dict | None:
         """The cached manifest entry, with its checkpoint linked into `<run>/<name>/checkpoints/`, or None."""
         entry_dir = self._entry_dir(name, key)
@@ -55,6 +58,9 @@ class StageCache:
 
 class NoCache:
     """`cache=false`: every stage trains."""
+
+    def has(self, name, key):
+        return False
 
     def fetch(self, name, key, run_dir):
         return None

@@ -12,8 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, user_message
 
 log = logging.getLogger("transferlab")
 OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
@@ -43,16 +44,29 @@ def objective(results: dict, name: str) -> float:
     return value
 
 
+FAILED_JOBS: list[str] = []  # sweep jobs of this process that failed with a UserError
+
+
 def _report_user_errors(task):
-    """Print a UserError as one message and exit 2 (single run); let sweeps record it as a failed job."""
+    """Print a UserError as one message and exit 2. In a sweep, the job's manifest records the failure, the
+    job returns NaN (a failed trial to a sweeper) and the sweep goes on; `main` exits 1 at its end."""
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         try:
             return task(cfg)
-        except UserError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
+        except (UserError, OmegaConfBaseException) as caught:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
+            err = user_message(caught)
+            if isinstance(caught, OmegaConfBaseException):  # e.g. an interpolation left dangling by an override
+                err = (f"Config error: {' '.join(line.strip() for line in err.splitlines())}. Fix the override or "
+                       "config file that sets this key (transferlab --cfg job prints the composed config).")
             log.error("%s", err)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                hydra_cfg = HydraConfig.get()
+                FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}")
+                print(f"\ntransferlab: job {hydra_cfg.job.num} failed: {err}", file=sys.stderr)
+                return math.nan
             print(f"\ntransferlab: error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapped
@@ -60,9 +74,18 @@ def _report_user_errors(task):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_report_user_errors
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     from transferlab.pipeline import run
     return objective(run(cfg), cfg.objective)
+
+
+def main() -> None:
+    """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
+    _main()
+    if FAILED_JOBS:
+        print(f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "
+              + "\n  ".join(FAILED_JOBS), file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

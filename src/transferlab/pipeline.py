@@ -22,10 +22,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import __version__, report
+from transferlab import __version__, provenance, report
 from transferlab.cache import NoCache, StageCache
-from transferlab.errors import UserError
-from transferlab.module import ClassifierModule
+from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
+from transferlab.errors import UserError, user_message
+from transferlab.module import OPTIMIZERS, ClassifierModule
 from transferlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,12 @@ def run(cfg: DictConfig) -> dict:
     manifest_path = run_dir / "manifest.json"
     manifest = read_json(manifest_path) or {"stages": {}}
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
-    validate_stages(cfg)
+    manifest["seed"] = cfg.seed
+    manifest["provenance"] = provenance.collect()
+    validate(cfg)
     cache = StageCache(Path(cfg.paths.cache_dir) / "stages") if cfg.cache else NoCache()
     hashes: dict[str, str] = {}
+    pending = []
     for name, stage in cfg.stages.items():
         hashes[name] = stage_hash(cfg, name, hashes.get(stage.init))
         done = manifest["stages"].get(name, {})
@@ -55,9 +59,23 @@ def run(cfg: DictConfig) -> dict:
                                 f"the same folder only resumes the same experiment: use a new run folder, or delete "
                                 f"{run_dir / name} and its entry in manifest.json to run that stage again.")
             log.info("Stage %s: done in an earlier run, skipped", name)
-            continue
-        entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, cache, hashes[name])
-        manifest["stages"][name] = entry | {"config_hash": hashes[name]}
+        else:
+            pending.append(name)
+    # bad data fails here, before any training (stages given as a checkpoint or in the cache need none)
+    data = check_data(cfg, [n for n in pending if not cfg.stages[n].get("ckpt") and not cache.has(n, hashes[n])])
+    for name in pending:
+        stage = cfg.stages[name]
+        datamodule = lambda task=stage.task: data.pop(task, None) or build(cfg.data[task])
+        try:
+            entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, datamodule, cache, hashes[name])
+        except Exception as err:
+            last = run_dir / name / "checkpoints" / "last.ckpt"
+            manifest["stages"][name] = {"status": "failed", "reason": f"{type(err).__name__}: {user_message(err)}",
+                                        "last_ckpt": os.path.relpath(last, run_dir) if last.is_file() else None,
+                                        "config_hash": hashes[name], "provenance": manifest["provenance"]}
+            write_json_atomic(manifest_path, manifest)
+            raise
+        manifest["stages"][name] = entry | {"config_hash": hashes[name], "provenance": manifest["provenance"]}
         write_json_atomic(manifest_path, manifest)
     results = report.summarise(manifest["stages"])
     if rank_zero_only.rank == 0:
@@ -65,7 +83,8 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, cache, key: str) -> dict:
+def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, datamodule, cache,
+                 key: str) -> dict:
     """A given checkpoint (`stages.<name>.ckpt`), else the cached stage, else train it (and cache it).
 
     Under DDP only rank zero takes the lock, and rank zero's decision is broadcast so that every rank
@@ -81,7 +100,7 @@ def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_
         if entry is not None:
             log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
             return entry | {"cached": True}
-        entry = run_stage(cfg, name, stage, done, run_dir)
+        entry = run_stage(cfg, name, stage, done, run_dir, datamodule())
         if rank_zero_only.rank == 0:
             cache.publish(name, key, run_dir, entry)
     return entry | {"cached": False}
@@ -106,14 +125,11 @@ def given_checkpoint(name: str, stage: DictConfig) -> dict:
             "given_ckpt": True, "test": {}, "wall_time_s": 0.0}
 
 
-def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path) -> dict:
-    """Train one stage (initialised from its `init` stage, or resumed from its own last.ckpt) and test it."""
+def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, datamodule) -> dict:
+    """Train one stage (initialised from its `init` stage or `init_ckpt`, or resumed from its own last.ckpt)
+    and test it."""
     stage_dir = run_dir / name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build(cfg.data[stage.task])
-    if datamodule.split_sizes()["val"] == 0:
-        raise UserError(f"Stage {name!r}: the validation split is empty; the best checkpoint is chosen on it, so "
-                        f"set data.{stage.task}.val_fraction above 0 (or give more training samples).")
     callbacks = [build(c) for c in cfg.callbacks.values()]
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
@@ -126,11 +142,16 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
                               num_classes=datamodule.num_classes, optimizer=optimizer,
                               scheduler=OmegaConf.to_container(stage.scheduler, resolve=True), train=stage.train)
     last = stage_dir / "checkpoints" / "last.ckpt"
+    for partial in (stage_dir / "checkpoints").glob("*.tmp"):  # a write cut short by a kill: never loaded
+        log.info("Stage %s: removing %s, a checkpoint write that did not finish", name, partial)
+        partial.unlink(missing_ok=True)
     resume = last.is_file()
     if resume:
+        check_resumable(last)
         log.info("Stage %s: resuming from %s", name, last)
-    elif stage.init:
-        source = run_dir / done[stage.init]["best_ckpt"]  # relative to the run, or absolute (a given ckpt)
+    elif stage.init or stage.get("init_ckpt"):
+        # the init stage's best checkpoint (relative to the run, or absolute when given), or a user's file
+        source = run_dir / done[stage.init]["best_ckpt"] if stage.init else Path(stage.init_ckpt).expanduser()
         log.info("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
         init_from_checkpoint(module, source, new_head=stage.init_head == "new")
     start = time.time()
@@ -143,15 +164,30 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
     return {
         "status": "done",
         "task": stage.task,
-        "init": stage.init,
+        "init": stage.init or stage.get("init_ckpt"),
         "best_ckpt": os.path.relpath(best, run_dir),
         "last_ckpt": os.path.relpath(last, run_dir),
         "best_val": float(checkpoint.best_model_score),
         "epochs": trainer.current_epoch,
         "splits": datamodule.split_sizes(),
+        "data": datamodule.fingerprint(),
         "test": {k.removeprefix("test/"): float(v) for k, v in test.items()},
         "wall_time_s": round(time.time() - start, 1),
     }
+
+
+def check_data(cfg: DictConfig, stages: list[str]) -> dict:
+    """Load the data of the stages to run, so a missing root or a bad file stops the run before any training;
+    the loaded data modules are handed to the first stage of each task."""
+    data = {}
+    for name in stages:
+        task = cfg.stages[name].task
+        if task not in data:
+            data[task] = build(cfg.data[task])
+        if data[task].split_sizes()["val"] == 0:
+            raise UserError(f"Stage {name!r}: the validation split is empty; the best checkpoint is chosen on it, so "
+                            f"set data.{task}.val_fraction above 0 (or give more training samples).")
+    return data
 
 
 def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.Trainer:
@@ -159,6 +195,7 @@ def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     cap = trainer_cfg.pop("max_epochs", None)
     epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None
+    kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # whole checkpoints or none, whatever the temp folder
     return build(trainer_cfg, max_epochs=epochs, **kwargs)
 
 
@@ -174,6 +211,14 @@ def build(node, **kwargs):
         raise UserError(f"Could not build {target}: {cause or err}. Check the options given to it.") from None
 
 
+def validate(cfg: DictConfig) -> None:
+    """Check the values a typo or a wrong machine gets wrong, before anything trains."""
+    validate_stages(cfg)
+    if cfg.data.get("batch_size") is not None and cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}.")
+    validate_devices(cfg.trainer)
+
+
 def validate_stages(cfg: DictConfig) -> None:
     seen: list[str] = []
     for name, stage in cfg.stages.items():
@@ -183,11 +228,45 @@ def validate_stages(cfg: DictConfig) -> None:
         if stage.init is not None and stage.init not in seen:
             raise UserError(f"stages.{name}.init={stage.init!r} must name an earlier stage "
                             f"(stages before it: {', '.join(seen) or 'none'}).")
+        if stage.init is not None and stage.get("init_ckpt"):
+            raise UserError(f"stages.{name} has both init={stage.init!r} and init_ckpt={stage.init_ckpt!r}: "
+                            f"a stage starts from one of them; set stages.{name}.init=null to use the file.")
+        if stage.get("init_ckpt") and not Path(stage.init_ckpt).expanduser().is_file():
+            raise UserError(f"stages.{name}.init_ckpt={stage.init_ckpt}: no such file. Give the path of a .ckpt "
+                            "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict.")
         if stage.init_head not in ("new", "keep"):
             raise UserError(f"stages.{name}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
         if stage.epochs < 1:
             raise UserError(f"stages.{name}.epochs must be at least 1, got {stage.epochs}.")
+        optimizer = stage.optimizer
+        if optimizer.get("name", "sgd") not in OPTIMIZERS:
+            raise UserError(f"stages.{name}.optimizer.name={optimizer.name!r} is unknown; available: "
+                            f"{', '.join(OPTIMIZERS)}.")
+        if not isinstance(optimizer.get("lr"), (int, float)) or optimizer.lr <= 0:
+            raise UserError(f"stages.{name}.optimizer.lr must be a positive number, got {optimizer.get('lr')}.")
+        if stage.scheduler.get("name", "none") not in ("none", "cosine", "step"):
+            raise UserError(f"stages.{name}.scheduler.name={stage.scheduler.name!r} is unknown; available: "
+                            "none, cosine, step.")
         seen.append(name)
+
+
+def validate_devices(trainer: DictConfig) -> None:
+    """More devices than the machine has, or a GPU preset without a GPU: say so instead of Lightning's traceback."""
+    accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
+    if accelerator in ("gpu", "cuda"):
+        available, what, fix = torch.cuda.device_count(), "GPU(s)", "use trainer=cpu (or trainer=ddp_cpu)"
+    elif accelerator == "cpu":
+        available, what, fix = os.cpu_count() or 1, "CPU core(s)", "on CPU each device is a process"
+    else:
+        return
+    wanted = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    if available == 0:
+        raise UserError(f"trainer.accelerator={accelerator} but this machine has no visible GPU "
+                        f"(torch.cuda.device_count() is 0): {fix}, or run where a GPU is visible.")
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and (wanted > available or wanted == 0):
+        raise UserError(f"trainer.devices={devices} but this machine has {available} {what} "
+                        f"(accelerator={accelerator}): set trainer.devices between 1 and {available}, or -1 for all; "
+                        f"{fix}.")
 
 
 def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:

@@ -23,10 +23,12 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
         raise UserError(f"Refused to load {path}: it holds objects other than tensors and plain containers, "
-                        f"and loading it would run code from the file ({first_line}). Only checkpoints "
-                        "saved by transferlab/Lightning with plain hyperparameters, or plain state dicts, load.") from None
+                        f"and loading it would run code from the file ({reason}). Nothing from it was run. Only "
+                        "checkpoints saved by transferlab/Lightning with plain hyperparameters, or plain state "
+                        "dicts, load; if you trust the file, re-save its state_dict as a plain dict.") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"Checkpoint {path} is truncated or not a PyTorch checkpoint ({err}).") from None
 

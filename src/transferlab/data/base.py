@@ -8,6 +8,10 @@
   large images read from files.
 """
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import lightning as L
@@ -111,6 +115,30 @@ class ClassificationDataModule(L.LightningDataModule):
         self.setup()
         return {name: len(split[1]) if self.loader == "memory" else len(split)
                 for name, split in self.splits.items()}
+
+    def fingerprint(self) -> dict:
+        """What this data is, cheaply: split sizes and a hash of the file names and sizes it reads (no file
+        contents), or of the generator's parameters for generated data; with the split settings."""
+        digest = hashlib.sha256()
+        files = sorted(self.data_files())
+        sizes = [path.stat().st_size for path in files]
+        top = Path(os.path.commonpath(files)).parent if files else None  # names relative to the data folder
+        for path, size in zip(files, sizes):
+            digest.update(f"{path.relative_to(top).as_posix()}\t{size}\n".encode())
+        settings = {"class_ids": self.class_ids, "val_fraction": self.val_fraction, "seed": self.seed,
+                    "samples_per_class": self.samples_per_class, "label_fraction": self.label_fraction,
+                    "generator": self.generator_params()}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return {"dataset": type(self).__name__, "splits": self.split_sizes(), "files": len(files),
+                "bytes": sum(sizes), "hash": digest.hexdigest()[:16]}
+
+    def data_files(self) -> list[Path]:
+        """The files the data is read from (subclasses that read files say which)."""
+        return []
+
+    def generator_params(self) -> dict | None:
+        """The parameters of generated data (subclasses that generate it say which)."""
+        return None
 
     def _subset(self, data, labels: torch.Tensor, idx: torch.Tensor, train: bool):
         if self.loader == "memory":

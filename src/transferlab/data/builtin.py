@@ -33,6 +33,12 @@ class BuiltinDataModule(ClassificationDataModule):
         self.prototypes = make_prototypes(task, source_classes, world_seed)
         self.num_classes_total = len(self.prototypes)
 
+    def generator_params(self) -> dict:
+        return {"task": self.task, "source_classes": len(self.prototypes) if self.task == "source" else None,
+                "prototypes_sum": float(self.prototypes.double().sum()), "train_per_class": self.train_per_class,
+                "test_per_class": self.test_per_class, "noise": self.noise, "max_shift": self.max_shift,
+                "world_seed": self.world_seed}
+
     def load_split(self, split: str):
         per_class = self.train_per_class if split == "train" else self.test_per_class
         stream = 2 * ["source", "target"].index(self.task) + (split == "test")

@@ -51,6 +51,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         root = Path(self.root).expanduser()
         return root.parent if root.name == "cifar-10-batches-py" else root
 
+    def data_files(self) -> list[Path]:
+        return [self._root() / "cifar-10-batches-py" / f for f in FILES]
+
     def load_split(self, split: str):
         root = self._root()
         missing = _missing_files(root)

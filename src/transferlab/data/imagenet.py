@@ -144,6 +144,11 @@ class ImageNetDataModule(ClassificationDataModule):
             flat = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
         return "devkit" if flat else "folder"
 
+    def data_files(self) -> list[Path]:
+        """The image files of the classes used (names and sizes are hashed, not contents)."""
+        self.setup()
+        return [Path(p) for split in ("train", "test") for p, _ in self.splits[split].data.samples]
+
     def load_split(self, split: str):
         split = "train" if split == "train" else "val"
         loader = ImageLoader(self.skip_corrupt)
