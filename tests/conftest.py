@@ -1,5 +1,6 @@
 """Shared fixtures: the real config composed with tiny sizes, and small datasets in the real file layouts."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -21,6 +22,7 @@ TINY = [
     "data.target.train_per_class=10", "data.target.test_per_class=10", "data.source.eval_batch_size=64",
     "data.batch_size=16", "stages.source.epochs=2", "stages.pretrain.epochs=2", "stages.finetune.epochs=2",
     "trainer.enable_progress_bar=false", "logger=csv", "~callbacks.lr_monitor",
+    "cache=false",  # every test trains what it runs; tests/test_cache.py turns the stage cache on
 ]
 
 
@@ -30,6 +32,12 @@ def compose_config(run_dir: Path, overrides: list[str] = (), config_name: str = 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=[*overrides, f"paths.run_dir={run_dir}",
                                                            f"paths.output_root={Path(run_dir).parent}"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_outputs_in_the_repo(tmp_path_factory):
+    """Console scripts started by module-scoped fixtures write under a session folder, not the checkout."""
+    os.environ["TRANSFERLAB_OUTPUT_ROOT"] = str(tmp_path_factory.mktemp("outputs"))
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, TINY, compose_config, run_cli
+from conftest import REPO, TINY as TINY_NO_CACHE, compose_config, run_cli
+
+TINY = [o for o in TINY_NO_CACHE if o != "cache=false"]
 from transferlab.pipeline import run
 from transferlab.transfer import load_checkpoint
 
