@@ -91,19 +91,23 @@ def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_
     trains, or skips, the same stages."""
     if stage.get("ckpt"):
         return given_checkpoint(name, stage)
-    entry = _rank_zero_decides(cache.fetch(name, key, run_dir))
-    if entry is not None:
-        log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
-        return entry | {"cached": True}
-    with cache.lock(name, key) if rank_zero_only.rank == 0 else contextlib.nullcontext():
-        entry = _rank_zero_decides(cache.fetch(name, key, run_dir))  # trained by a parallel job meanwhile?
+
+    def from_cache() -> dict | None:
+        entry = _rank_zero_decides(cache.fetch(name, key, run_dir))
         if entry is not None:
             log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
-            return entry | {"cached": True}
-        entry = run_stage(cfg, name, stage, done, run_dir, datamodule())
-        if rank_zero_only.rank == 0:
-            cache.publish(name, key, run_dir, entry)
-    return entry | {"cached": False}
+        return entry
+
+    entry = from_cache()
+    if entry is None:
+        with cache.lock(name, key) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+            entry = from_cache()  # trained by a parallel job while this one waited for the lock?
+            if entry is None:
+                entry = run_stage(cfg, name, stage, done, run_dir, datamodule())
+                if rank_zero_only.rank == 0:
+                    cache.publish(name, key, run_dir, entry)
+                return entry | {"cached": False}
+    return entry | {"cached": True}
 
 
 def _rank_zero_decides(value):
