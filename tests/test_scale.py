@@ -77,3 +77,23 @@ def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
     stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
     assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
     assert not (tmp_path / "b" / "source" / "csv").exists() and (tmp_path / "b" / "finetune" / "csv").is_dir()
+
+
+@pytest.mark.slow
+def test_a_failing_optuna_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    proc = run_cli("transferlab", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4",
+                   "stages.finetune.optimizer.lr=choice(-1.0,0.01)", *ONE_EPOCH, "~stages.scratch",
+                   f"hydra.sweep.dir={tmp_path}", check=False)
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 4  # the search ran every trial
+    lrs = [yaml_value(j, "stages.finetune.optimizer.lr") for j in jobs]
+    assert [not (j / "results.json").exists() for j in jobs] == [lr == "-1.0" for lr in lrs] and "-1.0" in lrs
+    report = run_cli("transferlab-report", str(tmp_path)).stdout
+    assert report.count("| failed |") == lrs.count("-1.0")
+    assert proc.returncode == 1 and "sweep job(s) failed" in proc.stderr
+    assert "best_value" in (tmp_path / "optimization_results.yaml").read_text()
+
+
+def yaml_value(job, key: str) -> str:
+    overrides = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in overrides if line.startswith(f"- {key}="))

@@ -49,7 +49,7 @@ FAILED_JOBS: list[str] = []  # sweep jobs of this process that failed with a Use
 
 def _report_user_errors(task):
     """Print a UserError as one message and exit 2. In a sweep, the job's manifest records the failure, the
-    job returns NaN (a failed trial to a sweeper) and the sweep goes on; `main` exits 1 at its end."""
+    job returns NaN (or the worst value, to Optuna) and the sweep goes on; `main` exits 1 at its end."""
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         try:
@@ -66,10 +66,20 @@ def _report_user_errors(task):
                 hydra_cfg = HydraConfig.get()
                 FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}")
                 print(f"\ntransferlab: job {hydra_cfg.job.num} failed: {err}", file=sys.stderr)
-                return math.nan
+                return _failed_value(hydra_cfg.sweeper.get("direction"))
             print(f"\ntransferlab: error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapped
+
+
+def _failed_value(direction) -> float:
+    """What a failed sweep job returns: NaN to Hydra's basic sweeper; the worst value to Optuna, which aborts
+    the whole search on a NaN (optuna 2.10 raises in `study.tell`)."""
+    if direction in ("maximize", ["maximize"]):
+        return -math.inf
+    if direction in ("minimize", ["minimize"]):
+        return math.inf
+    return math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
