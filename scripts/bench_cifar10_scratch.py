@@ -40,6 +40,7 @@ def main() -> None:
                f"data.target.root={cifar_root(args.root)}", f"data.target.augment={not args.no_augment}",
                "~stages.source", "~stages.pretrain", "~stages.finetune", "stages.scratch.epochs=10",
                "objective=scratch/test/acc", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+               "cache=false",
                *overrides]
     start = time.time()
     subprocess.run(command, check=True, cwd=REPO)

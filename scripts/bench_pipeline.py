@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time `transferlab` with its defaults (four stages on the built-in data) and report the transfer gain.
+"""Time `transferlab` with its defaults (four stages on the built-in data, stage cache off so every stage
+trains) and report the transfer gain.
 
     python scripts/bench_pipeline.py [extra Hydra overrides]
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     run_dir = REPO / "outputs" / "bench" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [str(Path(sys.executable).parent / "transferlab"), f"hydra.run.dir={run_dir}",
+    command = [str(Path(sys.executable).parent / "transferlab"), f"hydra.run.dir={run_dir}", "cache=false",
                "trainer.enable_progress_bar=false", *sys.argv[1:]]
     start = time.time()
     subprocess.run(command, check=True, cwd=REPO)
