@@ -2,6 +2,7 @@
 # A real single-node SLURM cluster on this machine, for the SLURM tests (tests/test_slurm.py) and for trying
 # `transferlab -m hydra/launcher=slurm ...` locally.
 #
+#   scripts/slurm_cluster.sh install  # only install the Debian packages if missing (root): what CI runs first
 #   scripts/slurm_cluster.sh start    # install the Debian packages if missing, start munged, slurmctld, slurmd;
 #                                     # wait until the node is idle; print the environment to use it
 #   scripts/slurm_cluster.sh env      # print that environment again:  eval "$(scripts/slurm_cluster.sh env)"
@@ -229,9 +230,10 @@ stop() {
 }
 
 case ${1:-} in
+    install) install_packages ;;
     start) start ;;
     stop) stop ;;
     status) status ;;
     env) print_env ;;
-    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
 esac
