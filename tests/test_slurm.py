@@ -159,7 +159,10 @@ def test_tasks_that_do_not_match_the_devices_fail_before_training(sweep_dir):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(sweep_dir):
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "time-limit signal"])
+def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(sweep_dir, interrupt):
+    """`scontrol requeue` (as an admin or a preemption does: SIGTERM, then back in the queue), or the signal SLURM
+    sends `signal_delay_s` before the time limit (SIGUSR2: submitit's handler requeues the job itself)."""
     overrides = [o for o in TINY if ".epochs=" not in o]
     proc = launch(*SLURM, "seed=0", *overrides, "stages.source.epochs=10", "stages.pretrain.epochs=1",
                   "stages.finetune.epochs=1", "~stages.scratch", f"hydra.sweep.dir={sweep_dir}",
@@ -173,7 +176,9 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
     assert last.is_file(), f"no {last} yet\n{job_states()}\n{log_tails(sweep_dir)}"
     assert not (job / "manifest.json").is_file() or "source" not in json.loads((job / "manifest.json").read_text())["stages"]
     [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
-    requeue = subprocess.run(["scontrol", "requeue", folder.name], capture_output=True, text=True, timeout=60)
+    command = (["scontrol", "requeue", folder.name] if interrupt == "scontrol requeue" else
+               ["scancel", "--signal=USR2", folder.name])
+    requeue = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert requeue.returncode == 0, requeue.stderr
 
     rc, out, err = finish(proc, sweep_dir)
@@ -193,8 +198,30 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
                if row.get("train/loss")] for v in versions]  # the epochs each attempt trained
     assert min(epochs[1]) >= 1 and min(epochs[1]) <= max(epochs[0]) + 1  # picked up where it stopped
     assert max(epochs[1]) == 9
+    if interrupt == "time-limit signal":
+        assert f"Requeued job {folder.name}" in (folder / f"{folder.name}_0_log.err").read_text()
     [(outcome, ret)] = submitit_results(sweep_dir).values()
     assert outcome == "success" and ret.return_value == manifest["finetune"]["test"]["acc"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep_dir):
+    """scancel mid-stage: no result file, so only the job's state (bin/sacct, from scontrol) ends the wait."""
+    proc = launch(*SLURM, "seed=0", *ONE_EPOCH, "stages.source.epochs=10", "trainer.max_epochs=null",
+                  f"hydra.sweep.dir={sweep_dir}", "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
+                  "+callbacks.slow.seconds=1", extra_pythonpath=str(REPO / "tests"))
+    last = sweep_dir / "0" / "source" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert last.is_file(), f"no {last} yet\n{job_states()}\n{log_tails(sweep_dir)}"
+    [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
+    subprocess.run(["scancel", folder.name], check=True, timeout=60)
+    rc, out, err = finish(proc, sweep_dir, timeout=180)
+    assert rc != 0
+    assert "has not produced any output (state: CANCELLED" in err, err[-3000:]
+    assert not list((sweep_dir / ".submitit").glob("*/*_result.pkl"))
 
 
 def test_check_slurm_tasks_names_the_mismatch():
