@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY
+from transferlab.cli import CONF_DIR
 from transferlab.errors import UserError
 from transferlab.slurm import check_slurm_tasks
 
@@ -199,7 +201,7 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
     assert min(epochs[1]) >= 1 and min(epochs[1]) <= max(epochs[0]) + 1  # picked up where it stopped
     assert max(epochs[1]) == 9
     if interrupt == "time-limit signal":
-        assert f"Requeued job {folder.name}" in (folder / f"{folder.name}_0_log.err").read_text()
+        assert f"Requeued job {folder.name}" in (folder / f"{folder.name}_0_log.out").read_text()  # submitit did
     [(outcome, ret)] = submitit_results(sweep_dir).values()
     assert outcome == "success" and ret.return_value == manifest["finetune"]["test"]["acc"]
 
@@ -222,6 +224,20 @@ def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep
     assert rc != 0
     assert "has not produced any output (state: CANCELLED" in err, err[-3000:]
     assert not list((sweep_dir / ".submitit").glob("*/*_result.pkl"))
+
+
+@pytest.mark.parametrize("overrides,tasks,nodes,cpus", [
+    ([], 1, 1, 1),
+    (["trainer=ddp_cpu"], 2, 1, 1),
+    (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "data=imagenet_cifar10"], 4, 2, 5),
+])
+def test_launcher_config_ties_tasks_and_nodes_to_the_trainer(tmp_path, overrides, tasks, nodes, cpus):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes, launcher.cpus_per_task) == (tasks, nodes, cpus)
+    assert launcher.gpus_per_node is None and launcher.partition is None and launcher.max_num_timeout == 3
 
 
 def test_check_slurm_tasks_names_the_mismatch():
