@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for the SLURM tests (tests/test_slurm.py) and for trying
-# `transferlab -m hydra/launcher=slurm ...` locally.
+# A real SLURM cluster on this machine, for the SLURM tests (tests/test_slurm.py) and for trying
+# `transferlab -m hydra/launcher=slurm ...` locally: this machine as node <hostname> (partition debug, the
+# default) plus simulated nodes sim1..simN (more slurmd processes, `slurmd -N`; partition sim) for
+# multi-node jobs.
 #
 #   scripts/slurm_cluster.sh install  # only install the Debian packages if missing (root): what CI runs first
-#   scripts/slurm_cluster.sh start    # install the Debian packages if missing, start munged, slurmctld, slurmd;
-#                                     # wait until the node is idle; print the environment to use it
+#   scripts/slurm_cluster.sh start    # install the Debian packages if missing, start munged, slurmctld and the
+#                                     # slurmds; wait until the nodes are idle; print the environment to use it
 #   scripts/slurm_cluster.sh env      # print that environment again:  eval "$(scripts/slurm_cluster.sh env)"
-#   scripts/slurm_cluster.sh status   # exit 0 when the cluster answers and its node is up
-#   scripts/slurm_cluster.sh stop     # cancel its jobs, stop the three daemons it started (by their pid files)
+#   scripts/slurm_cluster.sh status   # exit 0 when the cluster answers and its nodes are up
+#   scripts/slurm_cluster.sh stop     # cancel its jobs, stop the daemons it started (by their pid files)
 #
 # Everything lives under $TRANSFERLAB_SLURM_DIR (default /tmp/transferlab-slurm): slurm.conf, munge key and
 # socket, spool and state folders, logs, pid files, and bin/sacct. Nothing in /etc is changed; clients find
-# the cluster through SLURM_CONF. Ports: $TRANSFERLAB_SLURM_PORT (slurmctld, default 16817) and the next one
-# (slurmd), away from SLURM's defaults so a site cluster is not disturbed.
+# the cluster through SLURM_CONF. Ports: $TRANSFERLAB_SLURM_PORT (slurmctld, default 16817) and the next ones
+# (the slurmds), away from SLURM's defaults so a site cluster is not disturbed. $TRANSFERLAB_SLURM_SIM_NODES
+# (default 2) simulated nodes; they share this machine's CPUs, one each as far as SLURM knows.
 #
 # Made for machines without systemd or cgroups (containers): proctrack/linuxproc, task/none,
 # select/cons_tres with CR_CPU, no accounting (so `sacct` is replaced by bin/sacct, which answers from
@@ -22,7 +25,9 @@ set -euo pipefail
 STATE=${TRANSFERLAB_SLURM_DIR:-/tmp/transferlab-slurm}
 PORT=${TRANSFERLAB_SLURM_PORT:-16817}
 WAIT_S=${TRANSFERLAB_SLURM_WAIT_S:-60}
+SIM_NODES=${TRANSFERLAB_SLURM_SIM_NODES:-2}  # extra simulated nodes sim1..simN (partition "sim"), 0 for none
 CONF=$STATE/slurm.conf
+NODE=$(slurmd -C 2>/dev/null | sed -n 's/^NodeName=\([^ ]*\).*/\1/p' || true)  # this machine, as slurmd names it
 export SLURM_CONF=$CONF
 
 say() { echo "slurm_cluster: $*" >&2; }
@@ -30,7 +35,15 @@ die() { say "error: $*"; exit 1; }
 
 pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-node_state() { sinfo -h -N -o %t 2>/dev/null | head -1; }
+# The state shared by all nodes ("idle"...), or "mixed: ..." while they differ.
+node_state() {
+    local states
+    states=$(sinfo -h -N -o %t 2>/dev/null | sort -u | tr '\n' ' ')
+    states=${states% }
+    [[ $states == *" "* ]] && echo "mixed: $states" || echo "$states"
+}
+up_state() { [[ $1 == idle || $1 == mix || $1 == alloc ]]; }
+slurmd_names() { echo "$NODE"; for i in $(seq "$SIM_NODES"); do echo "sim$i"; done; }
 
 print_env() {
     echo "export SLURM_CONF=$CONF"
@@ -101,6 +114,7 @@ write_config() {
     topo=$(slurmd -C | head -1)  # NodeName=<host> CPUs=... Boards=... ... RealMemory=...
     [[ $topo == NodeName=* ]] || die "unexpected 'slurmd -C' output: $topo"
     node=${topo%% *}; node=${node#NodeName=}
+    NODE=$node
     getent hosts "$node" >/dev/null || say "warning: node name $node does not resolve; Lightning's DDP takes MASTER_ADDR from it (add it to /etc/hosts)"
     cat >"$CONF" <<EOF
 # Written by scripts/slurm_cluster.sh: a single-node test cluster on $node.
@@ -117,9 +131,9 @@ AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -138,6 +152,16 @@ KillWait=5
 $topo State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
+    if [[ $SIM_NODES -gt 0 ]]; then
+        {
+            echo "# Simulated nodes for multi-node jobs: more slurmd processes on this machine (slurmd -N simI), one"
+            echo "# CPU each. Their names don't resolve: a multi-node DDP job here needs MASTER_ADDR=127.0.0.1."
+            for i in $(seq "$SIM_NODES"); do
+                echo "NodeName=sim$i NodeHostname=$node NodeAddr=127.0.0.1 Port=$((PORT + 1 + i)) CPUs=1 RealMemory=1024 State=UNKNOWN"
+            done
+            echo "PartitionName=sim Nodes=sim[1-$SIM_NODES] MaxTime=INFINITE State=UP"
+        } >>"$CONF"
+    fi
 }
 
 start_munged() {
@@ -171,27 +195,33 @@ start() {
     write_sacct_shim
     start_munged
     slurmctld -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"
-    slurmd -f "$CONF" || die "slurmd did not start; see $STATE/log/slurmd.log"
+    local name
+    for name in $(slurmd_names); do
+        slurmd -f "$CONF" -N "$name" || die "slurmd -N $name did not start; see $STATE/log/slurmd-$name.log"
+    done
     local state=""
     for _ in $(seq $((WAIT_S * 2))); do
         state=$(node_state)
-        [[ $state == idle || $state == mix || $state == alloc ]] && break
+        up_state "$state" && break
         sleep 0.5
     done
-    if [[ $state != idle && $state != mix && $state != alloc ]]; then
-        tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
+    if ! up_state "$state"; then
+        tail -n 20 "$STATE/log/"*.log >&2 || true
         die "the node is not up after ${WAIT_S}s (state: '${state:-no answer}'); logs above, all under $STATE/log"
     fi
-    say "up in $((SECONDS - t0))s: $(sinfo -h -o '%P %D %c %t' | head -1) (state in $STATE)"
+    say "up in $((SECONDS - t0))s: $(sinfo -h -o '%P:%D nodes,%c cpus,%t' | tr '\n' ' ')(state in $STATE)"
     print_env
 }
 
 status() {
-    pid_alive "$STATE/munge/munged.pid" && pid_alive "$STATE/run/slurmctld.pid" && pid_alive "$STATE/run/slurmd.pid" \
-        || { say "not running"; return 1; }
+    local name
+    pid_alive "$STATE/munge/munged.pid" && pid_alive "$STATE/run/slurmctld.pid" || { say "not running"; return 1; }
+    for name in $(slurmd_names); do
+        pid_alive "$STATE/run/slurmd-$name.pid" || { say "slurmd -N $name is not running"; return 1; }
+    done
     local state
     state=$(node_state)
-    [[ $state == idle || $state == mix || $state == alloc ]] || { say "node state: '${state:-no answer}'"; return 1; }
+    up_state "$state" || { say "node state: '${state:-no answer}'"; return 1; }
     sinfo
     squeue
 }
@@ -209,7 +239,8 @@ stop_pid() {  # stop_pid PIDFILE NAME: SIGTERM, then SIGKILL after 10 s
 }
 
 stop_daemons() {
-    stop_pid "$STATE/run/slurmd.pid" slurmd
+    local file
+    for file in "$STATE"/run/slurmd*.pid; do stop_pid "$file" slurmd; done
     stop_pid "$STATE/run/slurmctld.pid" slurmctld
     stop_pid "$STATE/munge/munged.pid" munged
 }

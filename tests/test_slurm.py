@@ -151,6 +151,29 @@ def test_two_task_job_runs_ddp_with_the_processes_slurm_started(sweep_dir):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
+def test_two_node_job_runs_ddp_across_the_simulated_nodes(sweep_dir, monkeypatch):
+    # the simulated nodes' names (sim1, sim2) don't resolve; Lightning takes MASTER_ADDR from the environment first
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    proc = launch(*SLURM, "hydra.launcher.partition=sim", "trainer=ddp_cpu", "trainer.devices=1",
+                  "trainer.num_nodes=2", *ONE_EPOCH, "~stages.scratch", "~stages.pretrain", "~stages.finetune",
+                  "objective=source/test/acc", f"hydra.sweep.dir={sweep_dir}")
+    rc, out, err = finish(proc, sweep_dir)
+    assert rc == 0, f"{err[-3000:]}\n{log_tails(sweep_dir)}"
+    [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
+    script = (folder / f"{folder.name}_submission.sh").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    for rank in (0, 1):
+        task_log = (folder / f"{folder.name}_{rank}_log.err").read_text() + \
+                   (folder / f"{folder.name}_{rank}_log.out").read_text()
+        assert f"node={rank}(2), global_rank={rank}(2)" in task_log
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in task_log
+    assert job_info(folder.name).count("NodeList=sim[1-2]") == 1
+    manifest = json.loads((sweep_dir / "0" / "manifest.json").read_text())["stages"]
+    assert manifest["source"]["status"] == "done"
+
+
+@pytest.mark.slurm
 def test_tasks_that_do_not_match_the_devices_fail_before_training(sweep_dir):
     proc = launch(*SLURM, "hydra.launcher.tasks_per_node=2", *ONE_EPOCH, f"hydra.sweep.dir={sweep_dir}")
     rc, out, err = finish(proc, sweep_dir, timeout=240)
