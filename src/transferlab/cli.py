@@ -86,6 +86,8 @@ def _failed_value(direction) -> float:
 @_report_user_errors
 def _main(cfg: DictConfig) -> float:
     from transferlab.pipeline import run
+    from transferlab.slurm import check_slurm_tasks
+    check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
     return objective(run(cfg), cfg.objective)
 
 
