@@ -48,8 +48,9 @@ FAILED_JOBS: list[str] = []  # sweep jobs of this process that failed with a Use
 
 
 def _report_user_errors(task):
-    """Print a UserError as one message and exit 2. In a sweep, the job's manifest records the failure, the
-    job returns NaN (or the worst value, to Optuna) and the sweep goes on; `main` exits 1 at its end."""
+    """Print a UserError as one message and exit 2. In a local sweep, the job's manifest records the failure,
+    the job returns NaN (or the worst value, to Optuna) and the sweep goes on; `main` exits 1 at its end.
+    A SLURM job (submitit) raises instead: its array runs to the end, then Hydra reports the failed job."""
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         try:
@@ -64,9 +65,12 @@ def _report_user_errors(task):
             log.error("%s", err)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 hydra_cfg = HydraConfig.get()
+                direction = hydra_cfg.sweeper.get("direction")
+                if direction is None and "submitit" in str(hydra_cfg.launcher.get("_target_")):
+                    raise  # a job of its own (SLURM): Hydra reports it once the whole array has run
                 FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}")
                 print(f"\ntransferlab: job {hydra_cfg.job.num} failed: {err}", file=sys.stderr)
-                return _failed_value(hydra_cfg.sweeper.get("direction"))
+                return _failed_value(direction)
             print(f"\ntransferlab: error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapped
