@@ -311,9 +311,8 @@ def test_invalid_values_stop_before_training(after_source, override, fragments):
     assert set(source_intact()) == {"source"} and not (run_dir / "pretrain").exists()
 
 
-def test_gpu_preset_without_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+def test_gpu_preset_without_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no visible GPU, also on a machine that has one
     proc = transferlab(tmp_path / "run", "trainer=gpu")
     assert_user_error(proc, "trainer.accelerator=gpu but this machine has no visible GPU", "use trainer=cpu")
     assert not (tmp_path / "run" / "source").exists()
