@@ -97,3 +97,12 @@ def test_a_failing_optuna_trial_is_recorded_and_the_search_goes_on(tmp_path):
 def yaml_value(job, key: str) -> str:
     overrides = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
     return next(line.split("=", 1)[1] for line in overrides if line.startswith(f"- {key}="))
+
+
+def test_bf16_mixed_precision_runs_every_stage_on_cpu(tmp_path):
+    proc = run_cli("transferlab", *ONE_EPOCH, "precision=bf16-mixed", f"hydra.run.dir={tmp_path / 'run'}")
+    assert (proc.stdout + proc.stderr).count("Using bfloat16 Automatic Mixed Precision") == 4  # one per stage
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
+    assert all(0 <= s["test"]["acc"] <= 1 for s in manifest["stages"].values())
