@@ -29,13 +29,6 @@ DEVKIT = ARCHIVE_META["devkit"][0]
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
-class UnreadableImage(UserError):
-    def __init__(self, message: str):
-        if message.startswith("Caught "):  # re-raised from a DataLoader worker: keep the message, not the traceback
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        super().__init__(message)
-
-
 class ImageLoader:
     """PIL loader (RGB; greyscale images are converted) that names an unreadable file, or skips it."""
 
@@ -48,7 +41,7 @@ class ImageLoader:
                 return Image.open(f).convert("RGB")
         except Exception as err:
             if not self.skip_corrupt:
-                raise UnreadableImage(f"Cannot read image {path} ({type(err).__name__}: {err}). Replace or remove the "
+                raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}). Replace or remove the "
                                       "file, or set data.source.skip_corrupt=true to skip unreadable images.") from None
             self.skipped += 1
             log.warning("Skipped unreadable image %s (%s); %d skipped so far in this process",
