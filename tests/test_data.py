@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import SHARED_DATA, write_cifar10, write_imagenet
+from conftest import SHARED_DATA, needs_shared_data, write_cifar10, write_imagenet
 from transferlab.data import BuiltinDataModule, CIFAR10DataModule, ImageNetDataModule
 from transferlab.data.base import random_crop_flip, stratified_split
 from transferlab.errors import UserError
@@ -132,6 +132,7 @@ def test_imagenet_class_subset_by_count_and_wnid(tmp_path):
     assert dm.num_classes == 1 and dm.split_sizes()["test"] == 4
 
 
+@needs_shared_data
 def test_imagenet_real_sample(tmp_path):
     dm = ImageNetDataModule(root=str(SHARED_DATA / "imagenet-sample"), val_fraction=0.0, eval_batch_size=50)
     assert dm.num_classes == 1000

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, write_imagenet, write_imagenet32
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_imagenet, write_imagenet32
 from transferlab.data import DownsampledImageNetDataModule, ImageNetDataModule
 from transferlab.data.base import Rows
 from transferlab.errors import UserError
@@ -210,6 +210,7 @@ def test_imagenet_devkit_layout_without_ground_truth(tmp_path):
         ImageNetDataModule(root=str(root), cache_dir=str(tmp_path / "cache")).setup()
 
 
+@needs_shared_data
 def test_real_imagenet_sample_in_the_devkit_layout(tmp_path):
     """The real photos of ../shared/data (greyscale among them), re-arranged as released: flat val/ + meta.bin."""
     sample = SHARED_DATA / "imagenet-sample"

@@ -1,0 +1,65 @@
+"""File safety in one place: whole-or-absent writes (temporary file in the same folder, fsync, rename) and
+inter-process locks (`filelock`). Checkpoints, the manifest and both caches use these, nothing else."""
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+__all__ = ["atomic_write", "write_json_atomic", "read_json", "atomic_dir", "lock", "Timeout"]
+
+
+def atomic_write(path: str | Path, data: bytes | str | memoryview) -> None:
+    """Write `data` to `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    atomic_write(path, json.dumps(data, indent=2, default=str))
+
+
+def read_json(path: str | Path):
+    """The parsed file, or None when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary folder next to `final`; on success rename it to `final` (all of it or nothing).
+    If `final` appeared meanwhile (another process published it), the temporary folder is discarded."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lock(path: str | Path, timeout: float = -1) -> FileLock:
+    """An inter-process lock on `path` (created if missing); `timeout=0` fails at once with `Timeout`.
+    The lock is released by the kernel when its holder dies, so a killed process never leaves it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=timeout)
