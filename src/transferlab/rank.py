@@ -50,6 +50,8 @@ def rank(cfg: DictConfig) -> dict:
     """Score every candidate, write ranking.{md,csv,json} into the run folder, print the table."""
     if cfg.sort_by not in SCORES:
         raise UserError(f"sort_by={cfg.sort_by!r}: use one of {', '.join(SCORES)}.")
+    if cfg.device not in ("auto", "cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"device={cfg.device!r}: use auto, cpu, or cuda (where a GPU is visible).")
     if not isinstance(cfg.data.get(cfg.task), DictConfig):
         raise UserError(f"task={cfg.task!r}: the data config has tasks source and target.")
     candidates = resolve_candidates(cfg)
@@ -187,11 +189,10 @@ def candidate_outputs(cfg, c: Candidate, datamodule, fingerprint: dict, cache_di
     return features, logits, labels
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def forward(module: ClassifierModule, datamodule, cfg: DictConfig, name: str):
     """One pass over the training split, in order, without augmentation (the data module's own normalisation)."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     module.eval().to(device)
     datamodule.setup()
     feats, logits, labels = [], [], []
