@@ -174,3 +174,20 @@ def test_rank_refuses_a_plain_state_dict_and_unmatched_results(tiny_run, tmp_pat
     (tmp_path / "acc.json").write_text(json.dumps({"someone_else": 0.5}))
     with pytest.raises(UserError, match="none of it matches a candidate"):
         rank(compose("candidates=[random]", f"results={tmp_path / 'acc.json'}"))
+
+
+def test_results_from_a_sweep_folder_match_candidates_by_checkpoint_content(tiny_run, tmp_path):
+    """A copy of a run's source checkpoint, given as the candidate, is matched to that run's fine-tuned accuracy
+    when the folder holding the run (as a sweep folder holds its jobs) is given as results."""
+    import shutil
+
+    from transferlab.rank import rank
+    copy = tmp_path / "elsewhere" / "source_model.ckpt"
+    copy.parent.mkdir()
+    shutil.copy(tiny_run / "source" / "checkpoints" / "best.ckpt", copy)
+    cfg = compose_config(tmp_path / "r", [*TARGET, f"candidates=[{copy},random]", f"results={tiny_run.parent}",
+                                          f"paths.cache_dir={tmp_path / 'cache'}"], config_name="rank")
+    rows = {r["candidate"]: r for r in rank(cfg)["candidates"]}
+    finetune_acc = json.loads((tiny_run / "results.json").read_text())["finetune/test/acc"]
+    assert rows["source_model"]["finetuned_acc"] == pytest.approx(finetune_acc)
+    assert rows["random"]["finetuned_acc"] is None and rows["random"]["finetuned_n"] == 0

@@ -79,7 +79,7 @@ def rank(cfg: DictConfig) -> dict:
     for c in candidates:
         accs = results.get(c.name, [])
         c.row |= {"finetuned_acc": float(np.mean(accs)) if accs else None, "finetuned_n": len(accs)}
-    rows = sorted((c.row for c in candidates), key=lambda r: -r[cfg.sort_by])
+    rows = sorted((c.row for c in candidates), key=lambda r: -r[cfg.sort_by] if np.isfinite(r[cfg.sort_by]) else np.inf)
     out = {"task": cfg.task, "split": "train", "samples": int(len(labels)), "data": fingerprint,
            "sort_by": cfg.sort_by, "candidates": rows, "correlations": correlations(rows) if results else {},
            "provenance": provenance.collect()}
