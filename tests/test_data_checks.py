@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, compose_config, write_cifar10
 from PIL import Image
 
-from conftest import REPO, compose_config, write_cifar10
 from transferlab.data import CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule, ImageNetDataModule
 from transferlab.errors import UserError
 from transferlab.pipeline import build
@@ -163,7 +163,8 @@ def write_cifar100(root: Path, n_train=200, n_test=100) -> Path:
         entry = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name, "fine_labels": fine,
                  "coarse_labels": [f // 5 for f in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
         (folder / name).write_bytes(pickle.dumps(entry))
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
     (folder / "meta").write_bytes(pickle.dumps(meta))
     return root
 

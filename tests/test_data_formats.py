@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, SHARED_DATA, needs_shared_data, write_imagenet, write_imagenet32
+
 from transferlab.data import DownsampledImageNetDataModule, ImageNetDataModule
 from transferlab.data.inputs import Rows
 from transferlab.errors import UserError

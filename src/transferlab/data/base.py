@@ -7,7 +7,7 @@ Subclasses say how to read their files: `load_split(split)` returns a `Dataset` 
 
 import hashlib
 import json
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -16,8 +16,13 @@ from torchvision.transforms import v2
 
 from transferlab.data.fingerprint import files_digest
 from transferlab.data.inputs import INPUTS, Rows
-from transferlab.data.splits import (check_classes_present, check_not_empty, check_settings, resolve_classes,
-                                     stratified_split)
+from transferlab.data.splits import (
+    check_classes_present,
+    check_not_empty,
+    check_settings,
+    resolve_classes,
+    stratified_split,
+)
 from transferlab.errors import UserError
 
 TEST_SPLIT_SEED = 0  # a test split taken from train is the same for every `seed`, so runs stay comparable

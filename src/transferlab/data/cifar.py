@@ -24,6 +24,7 @@ class CIFARDataModule(ClassificationDataModule):
     folder: str
     split_files: dict[str, list[str]]
     meta_file: str
+    layout_files: str
     downloader: type
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
@@ -43,8 +44,7 @@ class CIFARDataModule(ClassificationDataModule):
 
     @property
     def layout(self) -> str:
-        files = [*self.split_files["train"], *self.split_files["test"], self.meta_file]
-        return f"{self.folder}/{{{', '.join(files)}}} (the python version of {self.name})"
+        return f"{self.folder}/{{{self.layout_files}}} (the python version of {self.name})"
 
     def prepare_data(self) -> None:
         if self.download:
@@ -123,6 +123,7 @@ class CIFAR10DataModule(CIFARDataModule):
     name, folder, num_classes_total = "CIFAR-10", "cifar-10-batches-py", 10
     split_files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     meta_file, downloader = "batches.meta", CIFAR10
+    layout_files = "data_batch_1..5, test_batch, batches.meta"
 
 
 class CIFAR100DataModule(CIFARDataModule):
@@ -131,6 +132,7 @@ class CIFAR100DataModule(CIFARDataModule):
     name, folder = "CIFAR-100", "cifar-100-python"
     split_files = {"train": ["train"], "test": ["test"]}
     meta_file, downloader = "meta", CIFAR100
+    layout_files = "train, test, meta"
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
 

@@ -24,8 +24,9 @@ def readable_dir(folder: Path, what: str) -> Path:
         with os.scandir(folder):
             pass
     except PermissionError:
-        raise UserError(f"Cannot read {what} {folder}: permission denied (it is not empty, it is unreadable). Let "
-                        f"this user read it (e.g. chmod -R a+rX {folder}) or copy the data somewhere readable.") from None
+        raise UserError(f"Cannot read {what} {folder}: permission denied (it is not empty, it is unreadable). "
+                        f"Let this user read it (e.g. chmod -R a+rX {folder}) or copy the data somewhere "
+                        "readable.") from None
     return folder
 
 

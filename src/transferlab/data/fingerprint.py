@@ -18,9 +18,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 from transferlab.fileio import atomic_write, lock, read_json
 

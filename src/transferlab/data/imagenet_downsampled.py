@@ -13,7 +13,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.decoded_cache import cached_arrays, source_key
@@ -89,7 +88,7 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
         super().__init__(image_size=image_size, cache_dir=cache_dir, **kwargs)
         self.root, self.classes = root, classes
         if classes is not None and not isinstance(classes, int) and any(isinstance(c, str) for c in classes):
-            self.class_ids  # wnids: checked against map_clsloc.txt now
+            _ = self.class_ids  # wnids: checked against map_clsloc.txt now
 
     def _root(self) -> Path:
         if self.root is None:

@@ -12,7 +12,7 @@ Every data module's `load_split` returns a `Dataset` whose `targets` are its lab
 Imagenet32, built-in) is an `ArrayData`, which both paths take.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import Image

@@ -2,8 +2,8 @@
 class subsets (ids or names), stratified train/val(/test) splits, low-data regimes, and empty or
 unbalanced splits. Every check runs where the data is built, before anything trains."""
 
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Sequence
 
 import torch
 
