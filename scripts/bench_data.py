@@ -30,6 +30,7 @@ import torch
 
 from transferlab.data import CIFAR10DataModule, ClassificationDataModule
 from transferlab.data.decoded_cache import cached_arrays
+from transferlab.data.inputs import ArrayData
 from transferlab.models.convnet import ConvNetBackbone
 
 IMAGENET32_TRAIN = 1_281_167
@@ -98,7 +99,7 @@ class GeneratedImagenet32(ClassificationDataModule):
                     images[start:stop] = rng.integers(0, 256, (stop - start, 3, 32, 32), dtype=np.uint8)
                     yield rng.integers(0, 1000, stop - start)
             return (n, 3, 32, 32), fill
-        return cached_arrays(self.cache_dir, f"bench_imagenet32_{split}", str(n), build)
+        return ArrayData(*cached_arrays(self.cache_dir, f"bench_imagenet32_{split}", str(n), build))
 
 
 def main() -> None:

@@ -28,9 +28,11 @@ def cifar(tmp_path, **kwargs) -> CIFAR10DataModule:
 
 # -- the fingerprint: content, cheaply ---------------------------------------------------------------
 def test_fingerprint_changes_when_equal_size_files_are_swapped(tmp_path):
+    folder = write_cifar10(tmp_path / "c10", n_train=50, n_test=10) / "cifar-10-batches-py"
+    a, b = folder / "data_batch_1", folder / "test_batch"  # 10 images each: of equal size, as in the real set
+    for path in (a, b):
+        path.write_bytes(pickle.dumps(pickle.loads(path.read_bytes()) | {"batch_label": "batch"}))
     before = cifar(tmp_path).fingerprint()
-    folder = tmp_path / "c10" / "cifar-10-batches-py"
-    a, b = folder / "data_batch_1", folder / "data_batch_2"  # both 10 images: equal size
     assert a.stat().st_size == b.stat().st_size
     tmp = folder / "swap"
     a.rename(tmp), b.rename(a), tmp.rename(b)
@@ -264,3 +266,17 @@ def test_device_resident_gives_identical_batches(tmp_path):
     assert cifar(tmp_path, pin_memory=False).pin(torch.device("cuda")) is False
     with pytest.raises(UserError, match="device_resident=true .* needs loader=memory"):
         cifar(tmp_path, device_resident=True, loader="workers")
+
+
+def test_device_resident_under_a_real_trainer(tmp_path):
+    import lightning as L
+
+    from transferlab.data import BuiltinDataModule
+    from transferlab.module import ClassifierModule
+    dm = BuiltinDataModule(task="target", train_per_class=10, test_per_class=5, batch_size=8, device_resident=True)
+    module = ClassifierModule(model={"name": "convnet"}, num_classes=dm.num_classes,
+                              optimizer={"name": "sgd", "lr": 0.01})
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert ("train", torch.device("cpu")) in dm._resident and ("val", torch.device("cpu")) in dm._resident

@@ -37,13 +37,17 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def content_hashes(files: Sequence[Path], index_dir: str | Path | None) -> tuple[list[str], list[int]]:
+def content_hashes(files: Sequence[str | Path], index_dir: str | Path | None) -> tuple[list[str], list[int]]:
     """(sha256, size) of each file, in order; files unchanged since they were indexed are not read.
     `index_dir=None` keeps no index (every file is read)."""
     files = [os.path.abspath(f) for f in files]
+    return _hashes(files, data_folder(sorted(files)) if files else "", index_dir)
+
+
+def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[list[str], list[int]]:
+    """content_hashes of absolute paths under the data folder `top`."""
     if not files:
         return [], []
-    top = data_folder(files)
     index_file = None
     if index_dir is not None:
         name = hashlib.sha256(str(Path(top).resolve()).encode()).hexdigest()[:16]
@@ -72,17 +76,18 @@ def content_hashes(files: Sequence[Path], index_dir: str | Path | None) -> tuple
 
 
 def data_folder(files: Sequence[str]) -> str:
-    """The folder the files' names are taken relative to: the parent of their common folder (so the name of
-    the dataset's own folder, e.g. cifar-10-batches-py, is part of each name)."""
-    return os.path.dirname(os.path.commonpath(files))
+    """The folder the (sorted, absolute) files' names are taken relative to: the parent of their common folder,
+    so the name of the dataset's own folder (e.g. cifar-10-batches-py) is part of each name. The common folder of
+    a sorted list is that of its first and last entries."""
+    return os.path.dirname(os.path.commonpath([files[0], files[-1]]))
 
 
-def files_digest(files: Sequence[Path], index_dir: str | Path | None) -> tuple[str, int]:
+def files_digest(files: Sequence[str | Path], index_dir: str | Path | None) -> tuple[str, int]:
     """(hex sha256 over each file's name relative to the data folder and its content hash, total bytes)."""
     files = sorted(os.path.abspath(f) for f in files)
-    hashes, sizes = content_hashes(files, index_dir)
     top = data_folder(files) if files else ""
+    hashes, sizes = _hashes(files, top, index_dir)
     digest = hashlib.sha256()
     for path, content in zip(files, hashes):
-        digest.update(f"{Path(path[len(top) + 1:]).as_posix()}\t{content}\n".encode())
+        digest.update(f"{path[len(top) + 1:].replace(os.sep, '/')}\t{content}\n".encode())
     return digest.hexdigest(), sum(sizes)
