@@ -154,6 +154,22 @@ def test_an_unreadable_folder_is_not_called_empty(tmp_path, dataset):
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
+def test_an_unreadable_cifar_file_is_not_called_corrupt():
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"unreadable-{os.getpid()}-cifar"
+    try:
+        folder = write_cifar10(base) / "cifar-10-batches-py"
+        for p in [base, folder, *folder.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (folder / "data_batch_2").chmod(0)
+        proc = run_as_nobody("from transferlab.data import CIFAR10DataModule\n"
+                             "from transferlab.errors import UserError\n"
+                             f"try:\n    CIFAR10DataModule(root='{base}', val_fraction=0.5).setup()\n"
+                             "except UserError as e:\n    print(e)")
+        assert f"Cannot read CIFAR-10 file {folder / 'data_batch_2'}: permission denied" in proc.stdout, proc.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
 # -- CIFAR-100 and image folders -----------------------------------------------------------------------
 def write_cifar100(root: Path, n_train=200, n_test=100) -> Path:
     """cifar-100-python/{train, test, meta} as released: fine and coarse labels, their names in meta."""
