@@ -50,12 +50,12 @@ class ClassificationDataModule(L.LightningDataModule):
         if loader not in self.loaders:
             raise UserError(f"{type(self).__name__} supports {self.key}.loader={' | '.join(self.loaders)}, "
                             f"not {loader!r}.")
-        if device_resident and loader != "memory":
+        self.loader, self.input = loader, INPUTS[loader]
+        if device_resident and not self.input.can_be_resident:
             raise UserError(f"{self.key}.device_resident=true keeps an in-memory split on the device: it needs "
                             f"loader=memory, not {loader!r}.")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.device_resident = num_workers, pin_memory, device_resident
-        self.loader, self.input = loader, INPUTS[loader]
         self.val_fraction, self.test_fraction, self.classes, self.seed = val_fraction, test_fraction, classes, seed
         self.samples_per_class, self.label_fraction = samples_per_class, label_fraction
         self.augment, self.image_size, self.cache_dir = augment, image_size, cache_dir

@@ -35,7 +35,7 @@ class ArrayData(Dataset):
 
 
 class MemoryInput:
-    name = "memory"
+    name, can_be_resident = "memory", True
 
     def subset(self, dm, data: Dataset, labels: torch.Tensor, idx: torch.Tensor, train: bool):
         """(images, labels) of rows `idx`: a copy, or a lazy view into a shared memory map."""
@@ -65,7 +65,7 @@ class MemoryInput:
 
 
 class WorkersInput:
-    name = "workers"
+    name, can_be_resident = "workers", False
 
     def subset(self, dm, data: Dataset, labels: torch.Tensor, idx: torch.Tensor, train: bool):
         return RelabelledSubset(data, idx.tolist(), labels, dm.train_transform() if train else dm.eval_transform())
