@@ -9,7 +9,7 @@ Measures images/s of
   flip and normalisation batched on the device (CPU here), on CIFAR-10 files in the official layout;
 - `workers`: per-sample PIL transforms in DataLoader worker processes, on the same files;
 - `memory_imagenet32`: the memory path over a generated Imagenet32-sized memory-mapped cache entry (the
-  format `data/cache.py` writes), indexed without copying.
+  format `data/decoded_cache.py` writes), indexed without copying.
 All data is generated (random pixels), so it runs offline; the report goes to outputs/bench/data.json.
 Every measurement uses the same number of torch threads (`--threads`, default 1).
 """
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from transferlab.data import CIFAR10DataModule, ClassificationDataModule
-from transferlab.data.cache import cached_arrays
+from transferlab.data.decoded_cache import cached_arrays
+from transferlab.data.inputs import ArrayData
 from transferlab.models.convnet import ConvNetBackbone
 
 IMAGENET32_TRAIN = 1_281_167
@@ -98,7 +99,7 @@ class GeneratedImagenet32(ClassificationDataModule):
                     images[start:stop] = rng.integers(0, 256, (stop - start, 3, 32, 32), dtype=np.uint8)
                     yield rng.integers(0, 1000, stop - start)
             return (n, 3, 32, 32), fill
-        return cached_arrays(self.cache_dir, f"bench_imagenet32_{split}", str(n), build)
+        return ArrayData(*cached_arrays(self.cache_dir, f"bench_imagenet32_{split}", str(n), build))
 
 
 def main() -> None:

@@ -4,10 +4,11 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA, needs_shared_data, write_cifar10, write_imagenet
+
 from transferlab.data import BuiltinDataModule, CIFAR10DataModule, ImageNetDataModule
-from transferlab.data.base import random_crop_flip, stratified_split
+from transferlab.data.inputs import random_crop_flip
+from transferlab.data.splits import stratified_split
 from transferlab.errors import UserError
 
 
@@ -155,7 +156,7 @@ def test_imagenet_missing_root_and_empty_class(tmp_path):
 def test_memory_loader_shards_are_disjoint_and_cover_the_data():
     dm = BuiltinDataModule(task="target", train_per_class=10, val_fraction=0.0, batch_size=7)
     dm.setup()
-    from transferlab.data.base import InMemoryBatches
+    from transferlab.data.inputs import InMemoryBatches
     images, labels = dm.splits["train"]
     seen = []
     for rank in range(2):

@@ -12,6 +12,7 @@ import itertools
 import torch
 
 from transferlab.data.base import ClassificationDataModule
+from transferlab.data.inputs import ArrayData
 from transferlab.errors import UserError
 
 IMAGE_SIZE, TARGET_CLASSES = 32, 10
@@ -33,7 +34,7 @@ class BuiltinDataModule(ClassificationDataModule):
         self.prototypes = make_prototypes(task, source_classes, world_seed)
         self.num_classes_total = len(self.prototypes)
 
-    def generator_params(self) -> dict:
+    def identity_params(self) -> dict:
         return {"task": self.task, "source_classes": len(self.prototypes) if self.task == "source" else None,
                 "prototypes_sum": float(self.prototypes.double().sum()), "train_per_class": self.train_per_class,
                 "test_per_class": self.test_per_class, "noise": self.noise, "max_shift": self.max_shift,
@@ -44,7 +45,7 @@ class BuiltinDataModule(ClassificationDataModule):
         stream = 2 * ["source", "target"].index(self.task) + (split == "test")
         gen = torch.Generator().manual_seed(self.world_seed * 10 + stream)
         labels = torch.arange(self.num_classes_total).repeat_interleave(per_class)
-        return render(self.prototypes[labels], self.noise, self.max_shift, gen), labels
+        return ArrayData(render(self.prototypes[labels], self.noise, self.max_shift, gen), labels)
 
 
 def make_prototypes(task: str, source_classes: int, world_seed: int) -> torch.Tensor:

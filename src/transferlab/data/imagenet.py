@@ -10,54 +10,22 @@ Downsampled ImageNet (Imagenet32/64 batch files) is `DownsampledImageNetDataModu
 """
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
-from PIL import Image
-from torchvision.datasets import ImageFolder, ImageNet
+from torchvision.datasets import ImageNet
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
 from transferlab.data.base import ClassificationDataModule
-from transferlab.data.cache import cached_dir, source_key
+from transferlab.data.decoded_cache import cached_dir, source_key
+from transferlab.data.files import FixedClassFolder, ImageLoader, check_split_classes, class_folders, readable_dir
 from transferlab.data.imagenet_downsampled import find_files
+from transferlab.data.splits import resolve_classes
 from transferlab.errors import UserError
 
-log = logging.getLogger(__name__)
 LAYOUT = "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG (one folder per class)"
 DEVKIT = ARCHIVE_META["devkit"][0]
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-class ImageLoader:
-    """PIL loader (RGB; greyscale images are converted) that names an unreadable file, or skips it."""
-
-    def __init__(self, skip_corrupt: bool):
-        self.skip_corrupt, self.skipped = skip_corrupt, 0
-
-    def __call__(self, path: str):
-        try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")
-        except Exception as err:
-            if not self.skip_corrupt:
-                raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}). Replace or remove the "
-                                      "file, or set data.source.skip_corrupt=true to skip unreadable images.") from None
-            self.skipped += 1
-            log.warning("Skipped unreadable image %s (%s); %d skipped so far in this process",
-                        path, err, self.skipped)
-            return None
-
-
-class _FixedClassFolder(ImageFolder):
-    """ImageFolder over a given list of class folders, so val numbers its classes as train does."""
-
-    def __init__(self, root: Path, classes: list[str], allow_empty: bool, loader):
-        self._classes = classes
-        super().__init__(str(root), allow_empty=allow_empty, loader=loader)
-
-    def find_classes(self, directory):
-        return self._classes, {c: i for i, c in enumerate(self._classes)}
 
 
 class _FixedClassImageNet(ImageNet):
@@ -81,31 +49,23 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def __init__(self, root: str | None = None, classes: int | list[str] | None = None, layout: str = "auto",
                  skip_corrupt: bool = False, cache_dir: str = "outputs/cache/data", **kwargs):
-        super().__init__(loader="workers", **kwargs)
+        super().__init__(loader="workers", cache_dir=cache_dir, **kwargs)
         if layout not in self.layouts:
             raise UserError(f"ImageNet layout={layout!r}: use one of {' | '.join(self.layouts)} "
                             "(downsampled Imagenet32/64 files: data/source=imagenet32).")
         self.root, self.wnids_wanted, self.layout = root, classes, layout
-        self.skip_corrupt, self.cache_dir = skip_corrupt, cache_dir
+        self.skip_corrupt = skip_corrupt
         self._wnids: list[str] | None = None
 
     @property
     def wnids(self) -> list[str]:
+        """The wnids used, in label order: train/'s class folders, or the subset `classes` selects."""
         if self._wnids is None:
             train = self._folder("train")
-            found = sorted(d.name for d in train.iterdir() if d.is_dir())
+            found = class_folders(train, "ImageNet train folder")
             if not found:
                 raise UserError(f"No class folders in {train}: expected {LAYOUT}.")
-            wanted = self.wnids_wanted
-            if wanted is None:
-                self._wnids = found
-            elif isinstance(wanted, int):
-                self._wnids = found[:wanted]
-            else:
-                unknown = sorted(set(wanted) - set(found))
-                if unknown:
-                    raise UserError(f"classes {unknown[:10]} have no folder in {train}.")
-                self._wnids = list(wanted)
+            self._wnids = [found[i] for i in resolve_classes(self.key, self.wnids_wanted, len(found), found)]
         return self._wnids
 
     @property
@@ -114,19 +74,21 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def _root(self) -> Path:
         if self.root is None:
-            raise UserError(f"ImageNet root is not set: pass data.source.root=<folder with {LAYOUT}>.")
+            raise UserError(f"ImageNet root is not set: pass {self.key}.root=<folder with {LAYOUT}>.")
         return Path(self.root).expanduser()
 
     def _folder(self, split: str) -> Path:
         folder = self._root() / split
+        if self._root().is_dir():
+            readable_dir(self._root(), "ImageNet root")
         if not folder.is_dir():
             if find_files(self._root())["train"]:
                 raise UserError(f"{self._root()} holds downsampled ImageNet batch files (train_data_batch_*): use "
                                 "data/source=imagenet32 (or data=imagenet32_cifar10) for them.")
             raise UserError(f"ImageNet folder {folder} does not exist: expected {LAYOUT}, or the official layout "
-                            f"(flat val/ with {META_FILE} or {DEVKIT}). Point data.source.root at the folder that "
+                            f"(flat val/ with {META_FILE} or {DEVKIT}). Point {self.key}.root at the folder that "
                             "holds train/ and val/.")
-        return folder
+        return readable_dir(folder, f"ImageNet {split} folder")
 
     def resolved_layout(self) -> str:
         """`devkit` when val/ holds the images themselves (flat), `folder` when it holds class folders."""
@@ -138,16 +100,18 @@ class ImageNetDataModule(ClassificationDataModule):
         return "devkit" if flat else "folder"
 
     def data_files(self) -> list[Path]:
-        """The image files of the classes used (names and sizes are hashed, not contents)."""
+        """The image files of the classes used."""
         self.setup()
         return [Path(p) for split in ("train", "test") for p, _ in self.splits[split].data.samples]
 
     def load_split(self, split: str):
         split = "train" if split == "train" else "val"
-        loader = ImageLoader(self.skip_corrupt)
+        loader = ImageLoader(self.skip_corrupt, self.key)
         try:
             if self.resolved_layout() == "folder":
-                return _FixedClassFolder(self._folder(split), self.wnids, split != "train", loader)
+                if split == "val":
+                    check_split_classes(self._folder("train"), self._folder("val"), self.wnids_wanted is None)
+                return FixedClassFolder(self._folder(split), self.wnids, split != "train", loader)
             return _FixedClassImageNet(self._devkit_view(), split, self.wnids, split != "train", loader)
         except FileNotFoundError as err:
             raise UserError(f"{err} Each class folder under {self._folder(split)} needs at least one image "
@@ -185,4 +149,4 @@ class ImageNetDataModule(ClassificationDataModule):
             for path, wnid in zip(images, val_wnids):  # sorted file names, as torchvision's parse_val_archive
                 (folder / "val" / wnid / path.name).symlink_to(path.resolve())
 
-        return cached_dir(self.cache_dir, name, source_key([meta, val, self._folder("train")]), write)
+        return cached_dir(self.cache_dir, name, source_key([meta, val, self._folder("train")], self.cache_dir), write)

@@ -4,7 +4,7 @@ Layout as released: `train_data_batch_1..10` and `val_data` (pickled dicts), or 
 in `root` or one folder below it (e.g. `Imagenet32_train/`, `Imagenet32_val/`). Each holds `data`
 N x (3*S*S) uint8 (R, G, B planes) and `labels` numbered 1..1000. `val_data` is the test split.
 
-The files are decoded once into a memory-mapped uint8 cache (`cache_dir`, see `cache.py`): DDP ranks and
+The files are decoded once into a memory-mapped uint8 cache (`cache_dir`, see `decoded_cache.py`): DDP ranks and
 parallel jobs share one copy in the page cache, and the subsets of each split index into it lazily.
 """
 
@@ -13,12 +13,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from transferlab.data.base import ClassificationDataModule
-from transferlab.data.cache import cached_arrays, source_key
+from transferlab.data.decoded_cache import cached_arrays, source_key
+from transferlab.data.inputs import ArrayData
 from transferlab.errors import UserError
 
 NUM_CLASSES = 1000
@@ -87,34 +85,37 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
 
     def __init__(self, root: str | None = None, classes=None, cache_dir: str = "outputs/cache/data",
                  image_size: int = 32, **kwargs):
-        super().__init__(image_size=image_size, **kwargs)
-        self.root, self.cache_dir = root, cache_dir
-        self.classes = self._class_ids(classes)
+        super().__init__(image_size=image_size, cache_dir=cache_dir, **kwargs)
+        self.root, self.classes = root, classes
+        if classes is not None and not isinstance(classes, int) and any(isinstance(c, str) for c in classes):
+            _ = self.class_ids  # wnids: checked against map_clsloc.txt now
 
     def _root(self) -> Path:
         if self.root is None:
-            raise UserError(f"Downsampled ImageNet root is not set: pass data.source.root=<folder with {LAYOUT}>.")
+            raise UserError(f"Downsampled ImageNet root is not set: pass {self.key}.root=<folder with {LAYOUT}>.")
         return Path(self.root).expanduser()
 
-    def _class_ids(self, classes):
-        if classes is None or isinstance(classes, int) or not any(isinstance(c, str) for c in classes):
-            return classes
+    def class_names(self) -> list[str] | None:
+        """wnids by class id, from the release's `map_clsloc.txt` (`<wnid> <label 1..1000> <name>`) where present."""
         mapping = self._root() / "map_clsloc.txt"
         if not mapping.is_file():
-            raise UserError(f"classes given as wnids need {mapping} (`<wnid> <label 1..1000> <name>` per line, from "
-                            "the Imagenet32/64 release); or give class ids 0..999 or a count instead.")
-        ids = {line.split()[0]: int(line.split()[1]) - 1 for line in mapping.read_text().splitlines() if line.strip()}
-        unknown = [c for c in classes if c not in ids]
-        if unknown:
-            raise UserError(f"classes {unknown[:10]} are not in {mapping}.")
-        return [ids[c] for c in classes]
+            if self.classes is not None and not isinstance(self.classes, int) and any(
+                    isinstance(c, str) for c in self.classes):
+                raise UserError(f"classes given as wnids need {mapping} (`<wnid> <label 1..1000> <name>` per line, "
+                                "from the Imagenet32/64 release); or give class ids 0..999 or a count instead.")
+            return None
+        names = [""] * NUM_CLASSES
+        for line in mapping.read_text().splitlines():
+            if line.strip():
+                names[int(line.split()[1]) - 1] = line.split()[0]
+        return names
 
     def load_split(self, split: str):
         root = self._root()
         files = find_files(root)[split]
         if not files:
             raise UserError(f"No {'train_data_batch_*' if split == 'train' else 'val_data'} files under {root}: "
-                            f"expected {LAYOUT}. Point data.source.root at that folder.")
+                            f"expected {LAYOUT}. Point {self.key}.root at that folder.")
         size = self.image_size
         name = f"imagenet{size}_{split}_{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
 
@@ -134,20 +135,9 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
                     yield labels.astype(np.int64) - 1
             return (sum(counts), 3, size, size), fill
 
-        images, labels = cached_arrays(self.cache_dir, name, source_key(files, image_size=size), build)
-        if self.loader == "workers":
-            return ArrayImages(images, labels)
-        return images, labels
+        images, labels = cached_arrays(self.cache_dir, name, source_key(files, self.cache_dir, image_size=size), build)
+        return ArrayData(images, labels)
 
+    def data_files(self) -> list[Path]:
+        return [p for split in ("train", "test") for p in find_files(self._root())[split]]
 
-class ArrayImages(Dataset):
-    """(PIL image, label) pairs of a uint8 N x 3 x H x W array: the `workers` path over the same cache."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.targets = images, labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.targets[i]

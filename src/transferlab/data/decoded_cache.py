@@ -1,33 +1,37 @@
-"""A decoded dataset cached on disk as uint8 `.npy` files, memory-mapped so processes share one copy.
+"""The decoded-data cache: a dataset decoded once into uint8 `.npy` files, memory-mapped so processes share one
+copy (not the stage cache, `transferlab/cache.py`).
 
-An entry is `<cache_dir>/<name>-<key>/{images,labels}.npy`, where `key` hashes the source files' names,
-sizes and modification times (and any options that change the decoded result): a changed source gives a new
-key and the entry is rebuilt; stale entries of the same name are removed. Entries are built under a file
-lock into a temporary folder and renamed into place, so DDP ranks (or parallel jobs) build it once and
-never read a half-written entry.
+An entry is `<cache_dir>/<name>-<key>/{images,labels}.npy`, where `key` hashes the source files' contents (through
+the fingerprint index, `fingerprint.py`) and any options that change the decoded result: a changed source gives a
+new key and the entry is rebuilt; stale entries of the same name are removed. Entries are built under a file lock
+into a temporary folder that is renamed into place (`fileio.lock`, `fileio.atomic_dir`), so DDP ranks (or
+parallel jobs) build it once and never read a half-written entry.
 """
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from transferlab.data.fingerprint import content_hashes
+from transferlab.fileio import atomic_dir, lock
+
 log = logging.getLogger(__name__)
 
 
-def source_key(files: Sequence[Path], **options) -> str:
-    """A short hash of the files' names, sizes and mtimes, and of `options`."""
+def source_key(paths: Sequence[Path], index_dir: str | Path | None = None, **options) -> str:
+    """A short hash of `options` and of the files' paths and contents (folders: their path and mtime)."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    for f in files:
-        st = Path(f).stat()
-        h.update(f"{Path(f).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    files = [Path(p) for p in paths if Path(p).is_file()]
+    hashes = dict(zip(files, content_hashes(files, index_dir)[0]))
+    for path in map(Path, paths):
+        what = hashes.get(path) or path.stat().st_mtime_ns
+        h.update(f"{path.resolve()}\0{what}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -63,21 +67,13 @@ def cached_dir(cache_dir: str | Path, name: str, key: str, write: Callable[[Path
     entry = cache_dir / f"{name}-{key}"
     if entry.is_dir():
         return entry
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then find the entry
+    with lock(cache_dir / f"{name}.lock"):  # one builder; the others wait, then find the entry
         if entry.is_dir():
             return entry
         for stale in cache_dir.glob(f"{name}-*"):
             log.info("Removing stale cache entry %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            log.info("Building the cache entry %s (once)", entry)
+        log.info("Building the cache entry %s (once)", entry)
+        with atomic_dir(entry) as tmp:
             write(tmp)
-            os.replace(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return entry
