@@ -115,7 +115,7 @@ def test_rerun_with_another_config_is_refused(finished_run):
     ("stages.finetune.init_head=new", None),  # valid: a fresh head on pretrain's backbone
 ])
 def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
-    cfg = tiny_cfg(override, "~stages.scratch", "trainer.max_epochs=1", "trainer.limit_train_batches=1")
+    cfg = tiny_cfg(override, "~stages.scratch", "trainer.max_epochs_per_stage=1", "trainer.limit_train_batches=1")
     if message is None:
         assert "finetune/test/acc" in run(cfg)["metrics"]
     else:
@@ -125,7 +125,7 @@ def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
 
 def test_keep_head_with_another_class_count_is_refused(tiny_cfg):
     cfg = tiny_cfg("stages.pretrain.init_head=keep", "~stages.finetune", "~stages.scratch",
-                   "trainer.max_epochs=1")
+                   "trainer.max_epochs_per_stage=1")
     with pytest.raises(UserError, match="head for another class count.*init_head=new"):
         run(cfg)
 

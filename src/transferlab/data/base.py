@@ -31,6 +31,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     loaders: tuple[str, ...] = ("memory", "workers")
+    class_names = False  # True: `classes` may name classes (wnids), not only number them (transferlab.validation)
     copy_subsets = True  # False: splits index lazily into the (memory-mapped, shared) images instead of copying
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
@@ -40,15 +41,9 @@ class ClassificationDataModule(L.LightningDataModule):
                  samples_per_class: int | None = None, label_fraction: float | None = None,
                  augment: bool = True, loader: str = "memory", pin_memory: bool = False, seed: int = 0,
                  image_size: int = 32):
-        super().__init__()
-        if batch_size < 1:
-            raise UserError(f"data batch_size must be at least 1, got {batch_size}.")
+        super().__init__()  # the values' types and ranges are checked by transferlab.validation before this runs
         if loader not in self.loaders:
             raise UserError(f"{type(self).__name__} supports loader={' | '.join(self.loaders)}, not {loader!r}.")
-        if not 0 <= val_fraction < 1:
-            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        if label_fraction is not None and not 0 < label_fraction <= 1:
-            raise UserError(f"label_fraction must be in (0, 1], got {label_fraction}.")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.loader = num_workers, pin_memory, loader
         self.val_fraction, self.classes, self.seed = val_fraction, classes, seed

@@ -75,6 +75,7 @@ class ImageNetDataModule(ClassificationDataModule):
     """Class subsets are taken when scanning the folders (`classes`: first N, or a list of wnids)."""
 
     loaders = ("workers",)
+    class_names = True
     layouts = ("auto", "folder", "devkit")
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)

@@ -81,6 +81,7 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
     (needs the release's `map_clsloc.txt`, `<wnid> <label> <name>`, in root)."""
 
     num_classes_total = NUM_CLASSES
+    class_names = True
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
     copy_subsets = False  # index into the shared memory map instead of copying each split
