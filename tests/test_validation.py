@@ -53,12 +53,16 @@ BAD_VALUES = [
                     "or use a model that takes any size (e.g. model=resnet18)."),
     (["model.name=vgg"], "model.name='vgg' is unknown; available: convnet, resnet18, resnet50."),
     (["objective=finetune/test/accuracy"], "objective='finetune/test/accuracy' is not a metric this run will "
-                                           "produce; it produces: source/test/acc, source/test/acc_top5"),
+                                           "produce. It produces <stage>/test/<metric> for the stages source, "
+                                           "pretrain, finetune, scratch and gain/<metric>, <metric> one of acc, "
+                                           "acc_top5, f1, auroc: set objective= to one of them"),
     (["objective=gain/acc", "~stages.scratch"], "objective='gain/acc' is not a metric this run will produce "
                                                 "(gain/<metric> is gain.compare=finetune minus gain.baseline=scratch"),
     (["gain.compare=finetun", "objective=gain/acc"], "gain.compare=finetun minus gain.baseline=scratch: both must be"),
     (["stages.source.result_ckpt=/x.ckpt", "objective=source/test/acc"], "objective='source/test/acc' is not a "
-                                                                         "metric this run will produce"),
+                                                                         "metric this run will produce. It produces "
+                                                                         "<stage>/test/<metric> for the stages "
+                                                                         "pretrain, finetune, scratch and"),
     (["+stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {TINY_STAGE}."),
     (["+stages.extra.task=target"], "stages.extra lacks init, init_ckpt, init_head, train, result_ckpt, epochs, "
                                     "optimizer, scheduler: a stage added on the command line starts from the default "

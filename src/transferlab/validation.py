@@ -165,15 +165,16 @@ def check_objective(cfg: DictConfig) -> None:
     The CLI calls it; `pipeline.run` does not need an objective."""
     check_gain(cfg)
     tested = [n for n, s in cfg.stages.items() if isinstance(s, DictConfig) and not s.get("result_ckpt")]
-    produced = [f"{n}/test/{m}" for n in tested for m in METRICS]
     gain = cfg.get("gain")
-    if gain is not None and gain.compare in tested and gain.baseline in tested:
-        produced += [f"gain/{m}" for m in METRICS]
+    with_gain = gain is not None and gain.compare in tested and gain.baseline in tested
+    produced = [f"{n}/test/{m}" for n in tested for m in METRICS] + [f"gain/{m}" for m in METRICS if with_gain]
     if cfg.objective not in produced:
         why = (f" (gain/<metric> is gain.compare={gain.compare} minus gain.baseline={gain.baseline}: both must be "
                "stages of this run)" if gain is not None and str(cfg.objective).startswith("gain/") else "")
-        raise UserError(f"objective={cfg.objective!r} is not a metric this run will produce{why}; it produces: "
-                        f"{', '.join(produced) or 'none'}. Set objective= to one of them.")
+        what = (f"<stage>/test/<metric> for the stages {', '.join(tested)}{' and gain/<metric>' if with_gain else ''}"
+                f", <metric> one of {', '.join(METRICS)}" if tested else "no metric (no stage is tested)")
+        raise UserError(f"objective={cfg.objective!r} is not a metric this run will produce{why}. It produces {what}: "
+                        f"set objective= to one of them (e.g. objective={(produced or ['none'])[0]}).")
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -205,8 +206,8 @@ def check_data_module(at: str, node: DictConfig) -> None:
         raise UserError(f"{at}.classes={_show(classes)}: give null (all classes), a number N (the first N) or a "
                         "non-empty list of classes.")
     names = getattr(_module_class(node), "class_names", False)
-    bad = [c for c in classes if isinstance(c, bool) or not (isinstance(c, int) and c >= 0 or names and
-                                                               isinstance(c, str))]
+    is_class = lambda c: (isinstance(c, int) and not isinstance(c, bool) and c >= 0) or (names and isinstance(c, str))
+    bad = [c for c in classes if not is_class(c)]
     if bad:
         kind = "class ids (0, 1, ...) or class names (wnids)" if names else "class ids (0, 1, ...): this dataset " \
                "numbers its classes"
