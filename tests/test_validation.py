@@ -17,7 +17,7 @@ from transferlab import cli, report, validation
 IMAGENET32_64 = ["data/source=imagenet32", "data.source.image_size=64", "data.target.source_classes=6",
                  "data.target.noise=0.5", "data.target.max_shift=4", "data.target.world_seed=1234"]
 CIFAR = ["data/target=cifar10"]  # validation refuses its values before the data (root: null) is read
-TINY_STAGE = "task, init, init_ckpt, init_head, train, result_ckpt, epochs, optimizer, scheduler"
+STAGE_KEYS = "task, init, init_ckpt, init_head, train, result_ckpt, epochs, optimizer, scheduler"
 
 # override(s) -> fragments of the one message; each is refused before anything is written or trained
 BAD_VALUES = [
@@ -63,7 +63,8 @@ BAD_VALUES = [
                                                                          "metric this run will produce. It produces "
                                                                          "<stage>/test/<metric> for the stages "
                                                                          "pretrain, finetune, scratch and"),
-    (["+stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {TINY_STAGE}."),
+    (["+stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {STAGE_KEYS}."),
+    (["stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {STAGE_KEYS}."),
     (["+stages.extra.task=target"], "stages.extra lacks init, init_ckpt, init_head, train, result_ckpt, epochs, "
                                     "optimizer, scheduler: a stage added on the command line starts from the default "
                                     "stage with +stage@stages.extra=default"),
@@ -184,7 +185,7 @@ def test_composed_recipes_equal_the_explicit_ones(recipe, expected):
 
 def test_a_stage_key_is_one_line_in_the_default_stage():
     default = OmegaConf.load(validation.STAGE_SCHEMA)
-    assert validation.stage_keys() == [k for k in default if k != "ckpt"] == TINY_STAGE.split(", ")
+    assert validation.stage_keys() == [k for k in default if k != "ckpt"] == STAGE_KEYS.split(", ")
 
 
 def test_a_stage_added_from_the_default_stage_is_valid(tmp_path):

@@ -89,6 +89,12 @@ def _main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
+    from transferlab.validation import check_stage_overrides
+    try:
+        check_stage_overrides(sys.argv[1:])  # before Hydra, whose message would not name the valid keys
+    except UserError as err:
+        print(f"\ntransferlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _main()
     if FAILED_JOBS:
         print(f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "

@@ -111,6 +111,16 @@ def stage_keys() -> list[str]:
     return [k for k in OmegaConf.load(STAGE_SCHEMA) if k not in RENAMED]
 
 
+def check_stage_overrides(overrides: list[str]) -> None:
+    """`stages.<stage>.<key>=...` on the command line with a key no stage has: Hydra refuses it (not in the config)
+    without naming the valid keys, so name them first. (`+stages.<stage>.<key>=` reaches `check_stage`.)"""
+    valid = stage_keys()
+    for override in overrides:
+        parts = override.split("=", 1)[0].split(".")
+        if len(parts) >= 3 and parts[0] == "stages" and parts[2] not in valid and parts[2] not in RENAMED:
+            raise UserError(f"stages.{parts[1]}: unknown key {parts[2]}; valid: {', '.join(valid)}.")
+
+
 def check_stage(cfg: DictConfig, name: str, stage) -> None:
     at = f"stages.{name}"
     valid = stage_keys()
