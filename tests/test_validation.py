@@ -34,6 +34,7 @@ BAD_VALUES = [
     (["data.target.eval_batch_size=-5"], "data.target.eval_batch_size must be null or a whole number of at least 1"),
     (["stages.source.epochs=abc"], 'stages.source.epochs must be a whole number of at least 1, got "abc".'),
     (["stages.pretrain.epochs=1.5"], "stages.pretrain.epochs must be a whole number of at least 1, got 1.5."),
+    (["stages.pretrain.epochs=abc"], 'stages.pretrain.epochs must be a whole number of at least 1, got "abc".'),
     (["stages.finetune.epochs=0"], "stages.finetune.epochs must be a whole number of at least 1, got 0."),
     (["stages.source.epochs=-2"], "stages.source.epochs must be a whole number of at least 1, got -2."),
     ([*CIFAR, "data.target.classes=[cat,dog]"], 'data.target.classes=["cat", "dog"]: "cat", "dog" is not a class; give '

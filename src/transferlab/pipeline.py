@@ -39,6 +39,7 @@ UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  
 
 def run(cfg: DictConfig) -> dict:
     """Run every stage of `cfg.stages` not yet done in `cfg.paths.run_dir`; return the results."""
+    validation.validate(cfg)  # every config value, before anything is read or written
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
@@ -46,7 +47,6 @@ def run(cfg: DictConfig) -> dict:
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
     manifest["seed"] = cfg.seed
     manifest["provenance"] = provenance.collect()
-    validation.validate(cfg)
     cache = StageCache(Path(cfg.paths.cache_dir) / "stages") if cfg.cache else NoCache()
     hashes: dict[str, str] = {}
     pending = []
