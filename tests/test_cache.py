@@ -58,7 +58,7 @@ def test_a_given_source_checkpoint_replaces_the_source_stage(tmp_path):
     run(compose_config(tmp_path / "a", [*TINY, "~stages.scratch", "~stages.finetune", "~stages.pretrain"]))
     given = tmp_path / "a" / "source" / "checkpoints" / "best.ckpt"
     cfg = compose_config(tmp_path / "b", [*TINY, "~stages.scratch", "~stages.finetune", "cache=false",
-                                          f"stages.source.ckpt={given}", "objective=pretrain/test/acc"])
+                                          f"stages.source.result_ckpt={given}", "objective=pretrain/test/acc"])
     run(cfg)
     stages = manifest(tmp_path / "b")
     assert stages["source"]["given_ckpt"] and stages["source"]["best_ckpt"] == str(given.resolve())
@@ -67,6 +67,6 @@ def test_a_given_source_checkpoint_replaces_the_source_stage(tmp_path):
 
 
 def test_a_given_checkpoint_that_does_not_exist_is_named(tmp_path):
-    proc = run_cli("transferlab", *TINY, f"stages.source.ckpt={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/r",
-                   check=False)
-    assert proc.returncode == 2 and f"stages.source.ckpt={tmp_path}/nope.ckpt does not exist" in proc.stderr
+    proc = run_cli("transferlab", *TINY, f"stages.source.result_ckpt={tmp_path}/nope.ckpt",
+                   f"hydra.run.dir={tmp_path}/r", check=False)
+    assert proc.returncode == 2 and f"stages.source.result_ckpt={tmp_path}/nope.ckpt does not exist" in proc.stderr

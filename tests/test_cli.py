@@ -72,4 +72,6 @@ def test_missing_objective_lists_the_metrics(tmp_path):
     proc = run_cli("transferlab", *TINY, "~stages.source", "~stages.pretrain", "~stages.finetune",
                    "stages.scratch.epochs=1", "objective=finetune/test/acc", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2
-    assert "objective='finetune/test/acc' is not among this run's metrics: scratch/test/acc" in proc.stderr
+    assert ("objective='finetune/test/acc' is not a metric this run will produce. It produces <stage>/test/<metric> "
+            "for the stages scratch, <metric> one of acc, acc_top5, f1, auroc") in proc.stderr
+    assert not (tmp_path / "scratch").exists()  # refused before training (it was refused after, until issue 8)

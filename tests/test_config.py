@@ -25,7 +25,7 @@ def test_every_option_composes_and_resolves(tmp_path, group, option):
         assert plain["data"][task]["_target_"].startswith("transferlab.data.")
 
 
-def test_seed_recipe_is_the_missions():
+def test_mission_recipe_is_the_default():
     cfg = compose_config(Path("/tmp/unused"))
     stages = cfg.stages
     assert list(stages) == ["source", "pretrain", "finetune", "scratch"]

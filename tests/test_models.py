@@ -63,11 +63,3 @@ def test_head_training_freezes_the_backbone_and_optimizes_only_the_head():
     optimizer = module.configure_optimizers()
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.head.parameters()}
-
-
-@pytest.mark.parametrize("bad,message", [({"name": "sgd", "lr": -1}, "lr must be positive"),
-                                         ({"name": "lbfgs", "lr": 0.1}, "available: sgd, adamw")])
-def test_bad_optimizer_settings_are_named(bad, message):
-    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=bad)
-    with pytest.raises(UserError, match=message):
-        module.configure_optimizers()

@@ -115,7 +115,7 @@ def test_rerun_with_another_config_is_refused(finished_run):
     ("stages.finetune.init_head=new", None),  # valid: a fresh head on pretrain's backbone
 ])
 def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
-    cfg = tiny_cfg(override, "~stages.scratch", "trainer.max_epochs=1", "trainer.limit_train_batches=1")
+    cfg = tiny_cfg(override, "~stages.scratch", "trainer.max_epochs_per_stage=1", "trainer.limit_train_batches=1")
     if message is None:
         assert "finetune/test/acc" in run(cfg)["metrics"]
     else:
@@ -125,7 +125,7 @@ def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
 
 def test_keep_head_with_another_class_count_is_refused(tiny_cfg):
     cfg = tiny_cfg("stages.pretrain.init_head=keep", "~stages.finetune", "~stages.scratch",
-                   "trainer.max_epochs=1")
+                   "trainer.max_epochs_per_stage=1")
     with pytest.raises(UserError, match="head for another class count.*init_head=new"):
         run(cfg)
 
@@ -144,3 +144,15 @@ def test_missing_checkpoint_is_named(tmp_path):
     module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer={"name": "sgd", "lr": 0.1})
     with pytest.raises(UserError, match="nothing.ckpt does not exist"):
         init_from_checkpoint(module, tmp_path / "nothing.ckpt", new_head=True)
+
+
+def test_the_gain_compares_the_stages_named_in_the_config(finished_run, tmp_path):
+    """`gain: {compare, baseline}` is config: re-run a copy of the finished run (every stage done, none trains)."""
+    import shutil
+
+    from conftest import TINY, compose_config
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    flat = run(compose_config(run_dir, [*TINY, "gain.compare=pretrain"]))["metrics"]
+    assert flat["gain/acc"] == pytest.approx(flat["pretrain/test/acc"] - flat["scratch/test/acc"])
+    assert "**Transfer gain** (pretrain − scratch, test accuracy)" in (run_dir / "results.md").read_text()

@@ -301,7 +301,7 @@ def test_checkpoint_path_that_does_not_exist(after_source, tmp_path):
 
 @pytest.mark.parametrize("override,fragments", [
     ("stages.finetune.optimizer.lr=-0.1", ["stages.finetune.optimizer.lr must be a positive number, got -0.1"]),
-    ("data.batch_size=0", ["data.batch_size must be at least 1, got 0"]),
+    ("data.batch_size=0", ["data.batch_size must be a whole number of at least 1, got 0"]),
     ("trainer.devices=64", ["trainer.devices=64 but this machine has", "CPU core(s)"]),
     ("stages.pretrain.scheduler.name=cosin", ["stages.pretrain.scheduler.name='cosin' is unknown"]),
 ])

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, TINY, run_cli
 
-ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs=1"]
+ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 
 
 def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path):

@@ -24,7 +24,7 @@ from transferlab.errors import UserError
 from transferlab.slurm import check_slurm_tasks
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
-ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs=1"]
+ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"]
 LAUNCH_TIMEOUT_S = 420  # the launcher waits for its jobs; a hung wait fails the test instead of blocking CI
 
@@ -233,7 +233,7 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
 @pytest.mark.slow
 def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep_dir):
     """scancel mid-stage: no result file, so only the job's state (bin/sacct, from scontrol) ends the wait."""
-    proc = launch(*SLURM, "seed=0", *ONE_EPOCH, "stages.source.epochs=10", "trainer.max_epochs=null",
+    proc = launch(*SLURM, "seed=0", *ONE_EPOCH, "stages.source.epochs=10", "trainer.max_epochs_per_stage=null",
                   f"hydra.sweep.dir={sweep_dir}", "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
                   "+callbacks.slow.seconds=1", extra_pythonpath=str(REPO / "tests"))
     last = sweep_dir / "0" / "source" / "checkpoints" / "last.ckpt"

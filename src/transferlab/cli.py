@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,22 +13,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from transferlab import CONF_DIR
 from transferlab.errors import UserError, user_message
 
 log = logging.getLogger("transferlab")
 OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
 
 
-def _conf_dir() -> str:
-    """`conf/` next to `src/` in a checkout, or `transferlab/conf` inside an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"transferlab's conf/ folder is missing (looked next to {here})")
-
-
-CONF_DIR = _conf_dir()
 
 
 def objective(results: dict, name: str) -> float:
@@ -91,12 +81,20 @@ def _failed_value(direction) -> float:
 def _main(cfg: DictConfig) -> float:
     from transferlab.pipeline import run
     from transferlab.slurm import check_slurm_tasks
+    from transferlab.validation import check_objective
     check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
+    check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
     return objective(run(cfg), cfg.objective)
 
 
 def main() -> None:
     """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
+    from transferlab.validation import check_stage_overrides
+    try:
+        check_stage_overrides(sys.argv[1:])  # before Hydra, whose message would not name the valid keys
+    except UserError as err:
+        print(f"\ntransferlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _main()
     if FAILED_JOBS:
         print(f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "

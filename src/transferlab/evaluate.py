@@ -3,8 +3,9 @@
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from transferlab import validation
 from transferlab.errors import UserError
 from transferlab.module import ClassifierModule
 from transferlab.pipeline import build, make_trainer
@@ -12,15 +13,11 @@ from transferlab.transfer import load_checkpoint
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UserError("No checkpoint given: pass ckpt=<path to a .ckpt>, e.g. ckpt=outputs/runs/<run>/finetune/"
-                        "checkpoints/best.ckpt, and the data it was trained for (data=..., task=source|target).")
+    validation.validate_eval(cfg)
     checkpoint = load_checkpoint(cfg.ckpt)  # weights only: a checkpoint from elsewhere runs no code
     hparams = checkpoint.get("hyper_parameters")
     if not hparams or "model" not in hparams:
         raise UserError(f"{cfg.ckpt} is not a transferlab ClassifierModule checkpoint (no model hyperparameters).")
-    if cfg.task not in cfg.data:
-        raise UserError(f"task={cfg.task!r}: the data config has tasks source and target.")
     datamodule = build(cfg.data[cfg.task])
     if datamodule.num_classes != hparams["num_classes"]:
         raise UserError(f"{cfg.ckpt} classifies {hparams['num_classes']} classes but data.{cfg.task} has "

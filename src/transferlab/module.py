@@ -10,6 +10,7 @@ from transferlab.errors import UserError
 from transferlab.models import build_backbone
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+SCHEDULERS = ("none", "cosine", "step")  # see build_scheduler
 
 
 class ClassifierModule(L.LightningModule):
@@ -70,11 +71,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)
-        name = opt_cfg.pop("name", "sgd")
-        if name not in OPTIMIZERS:
-            raise UserError(f"Unknown optimizer.name={name!r}; available: {', '.join(OPTIMIZERS)}.")
-        if opt_cfg.get("lr", 0) <= 0:
-            raise UserError(f"optimizer.lr must be positive, got {opt_cfg.get('lr')}.")
+        name = opt_cfg.pop("name", "sgd")  # name and lr are checked by transferlab.validation before training
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[name](params, **opt_cfg)
         max_epochs = self._trainer.max_epochs if self._trainer else 1
@@ -93,4 +90,4 @@ def build_scheduler(optimizer, cfg: dict, max_epochs: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), **cfg)
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, **cfg)
-    raise UserError(f"Unknown scheduler.name={name!r}; available: none, cosine, step.")
+    raise UserError(f"Unknown scheduler.name={name!r}; available: {', '.join(SCHEDULERS)}.")

@@ -22,11 +22,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import __version__, provenance, report
+from transferlab import __version__, provenance, report, validation
 from transferlab.cache import NoCache, StageCache
 from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
 from transferlab.errors import UserError, user_message
-from transferlab.module import OPTIMIZERS, ClassifierModule
+from transferlab.module import ClassifierModule
 from transferlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  
 
 def run(cfg: DictConfig) -> dict:
     """Run every stage of `cfg.stages` not yet done in `cfg.paths.run_dir`; return the results."""
+    validation.validate(cfg)  # every config value, before anything is read or written
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
@@ -46,7 +47,6 @@ def run(cfg: DictConfig) -> dict:
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
     manifest["seed"] = cfg.seed
     manifest["provenance"] = provenance.collect()
-    validate(cfg)
     cache = StageCache(Path(cfg.paths.cache_dir) / "stages") if cfg.cache else NoCache()
     hashes: dict[str, str] = {}
     pending = []
@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict:
         else:
             pending.append(name)
     # bad data fails here, before any training (stages given as a checkpoint or in the cache need none)
-    data = check_data(cfg, [n for n in pending if not cfg.stages[n].get("ckpt") and not cache.has(n, hashes[n])])
+    data = check_data(cfg, [n for n in pending
+                            if not cfg.stages[n].get("result_ckpt") and not cache.has(n, hashes[n])])
     for name in pending:
         stage = cfg.stages[name]
         datamodule = lambda task=stage.task: data.pop(task, None) or build(cfg.data[task])
@@ -77,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
             raise
         manifest["stages"][name] = entry | {"config_hash": hashes[name], "provenance": manifest["provenance"]}
         write_json_atomic(manifest_path, manifest)
-    results = report.summarise(manifest["stages"])
+    results = report.summarise(manifest["stages"], **(cfg.gain or {}))
     if rank_zero_only.rank == 0:
         report.write(run_dir, results)
     return results
@@ -85,11 +86,11 @@ def run(cfg: DictConfig) -> dict:
 
 def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, datamodule, cache,
                  key: str) -> dict:
-    """A given checkpoint (`stages.<name>.ckpt`), else the cached stage, else train it (and cache it).
+    """A given checkpoint (`stages.<name>.result_ckpt`), else the cached stage, else train it (and cache it).
 
     Under DDP only rank zero takes the lock, and rank zero's decision is broadcast so that every rank
     trains, or skips, the same stages."""
-    if stage.get("ckpt"):
+    if stage.get("result_ckpt"):
         return given_checkpoint(name, stage)
 
     def from_cache() -> dict | None:
@@ -119,11 +120,11 @@ def _rank_zero_decides(value):
 
 
 def given_checkpoint(name: str, stage: DictConfig) -> dict:
-    """`stages.<name>.ckpt=<path>`: use an existing checkpoint as this stage's result, without training."""
-    path = Path(stage.ckpt).expanduser().resolve()
+    """`stages.<name>.result_ckpt=<path>`: use an existing checkpoint as this stage's result, without training."""
+    path = Path(stage.result_ckpt).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"stages.{name}.ckpt={stage.ckpt} does not exist: give the path of a .ckpt file "
-                        "(e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
+        raise UserError(f"stages.{name}.result_ckpt={stage.result_ckpt} does not exist: give the path of a .ckpt "
+                        "file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
     log.info("Stage %s: using the given checkpoint %s", name, path)
     return {"status": "done", "task": stage.task, "init": None, "best_ckpt": str(path), "last_ckpt": None,
             "given_ckpt": True, "test": {}, "wall_time_s": 0.0}
@@ -195,9 +196,10 @@ def check_data(cfg: DictConfig, stages: list[str]) -> dict:
 
 
 def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.Trainer:
-    """The Trainer of `cfg.trainer`; a set `trainer.max_epochs` caps every stage's epochs (debug presets)."""
+    """The Trainer of `cfg.trainer`; a set `trainer.max_epochs_per_stage` caps every stage's epochs (debug presets)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    cap = trainer_cfg.pop("max_epochs", None)
+    trainer_cfg.pop("max_epochs", None)  # the old name of max_epochs_per_stage: refused by validation when set
+    cap = trainer_cfg.pop("max_epochs_per_stage", None)
     epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # whole checkpoints or none, whatever the temp folder
     return build(trainer_cfg, max_epochs=epochs, **kwargs)
@@ -215,64 +217,6 @@ def build(node, **kwargs):
         raise UserError(f"Could not build {target}: {cause or err}. Check the options given to it.") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the values a typo or a wrong machine gets wrong, before anything trains."""
-    validate_stages(cfg)
-    if cfg.data.get("batch_size") is not None and cfg.data.batch_size < 1:
-        raise UserError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}.")
-    validate_devices(cfg.trainer)
-
-
-def validate_stages(cfg: DictConfig) -> None:
-    seen: list[str] = []
-    for name, stage in cfg.stages.items():
-        if stage.task not in cfg.data or not isinstance(cfg.data[stage.task], DictConfig):
-            raise UserError(f"stages.{name}.task={stage.task!r}: the data config {cfg.data.get('name', '')} "
-                            f"has no such task; use one of: source, target.")
-        if stage.init is not None and stage.init not in seen:
-            raise UserError(f"stages.{name}.init={stage.init!r} must name an earlier stage "
-                            f"(stages before it: {', '.join(seen) or 'none'}).")
-        if stage.init is not None and stage.get("init_ckpt"):
-            raise UserError(f"stages.{name} has both init={stage.init!r} and init_ckpt={stage.init_ckpt!r}: "
-                            f"a stage starts from one of them; set stages.{name}.init=null to use the file.")
-        if stage.get("init_ckpt") and not Path(stage.init_ckpt).expanduser().is_file():
-            raise UserError(f"stages.{name}.init_ckpt={stage.init_ckpt}: no such file. Give the path of a .ckpt "
-                            "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict.")
-        if stage.init_head not in ("new", "keep"):
-            raise UserError(f"stages.{name}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
-        if stage.epochs < 1:
-            raise UserError(f"stages.{name}.epochs must be at least 1, got {stage.epochs}.")
-        optimizer = stage.optimizer
-        if optimizer.get("name", "sgd") not in OPTIMIZERS:
-            raise UserError(f"stages.{name}.optimizer.name={optimizer.name!r} is unknown; available: "
-                            f"{', '.join(OPTIMIZERS)}.")
-        if not isinstance(optimizer.get("lr"), (int, float)) or optimizer.lr <= 0:
-            raise UserError(f"stages.{name}.optimizer.lr must be a positive number, got {optimizer.get('lr')}.")
-        if stage.scheduler.get("name", "none") not in ("none", "cosine", "step"):
-            raise UserError(f"stages.{name}.scheduler.name={stage.scheduler.name!r} is unknown; available: "
-                            "none, cosine, step.")
-        seen.append(name)
-
-
-def validate_devices(trainer: DictConfig) -> None:
-    """More devices than the machine has, or a GPU preset without a GPU: say so instead of Lightning's traceback."""
-    accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
-    if accelerator in ("gpu", "cuda"):
-        available, what, fix = torch.cuda.device_count(), "GPU(s)", "use trainer=cpu (or trainer=ddp_cpu)"
-    elif accelerator == "cpu":
-        available, what, fix = os.cpu_count() or 1, "CPU core(s)", "on CPU each device is a process"
-    else:
-        return
-    wanted = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
-    if available == 0:
-        raise UserError(f"trainer.accelerator={accelerator} but this machine has no visible GPU "
-                        f"(torch.cuda.device_count() is 0): {fix}, or run where a GPU is visible.")
-    if isinstance(wanted, int) and not isinstance(wanted, bool) and (wanted > available or wanted == 0):
-        raise UserError(f"trainer.devices={devices} but this machine has {available} {what} "
-                        f"(accelerator={accelerator}): set trainer.devices between 1 and {available}, or -1 for all; "
-                        f"{fix}.")
-
-
 def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
     """What determines a stage's result: its recipe, data, model, seed, trainer, and its upstream stage."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)
@@ -280,8 +224,8 @@ def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
     what = {"version": __version__, "stage": plain(stage), "data": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"}, "model": plain(cfg.model), "seed": cfg.seed,
             "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream,
             "lr_scale": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None}
-    if stage.get("ckpt"):  # a given checkpoint: what determines it is the file
-        path = Path(stage.ckpt).expanduser()
+    if stage.get("result_ckpt"):  # a given checkpoint: what determines it is the file
+        path = Path(stage.result_ckpt).expanduser()
         what = {"ckpt": str(path.resolve()), "size": path.stat().st_size if path.is_file() else None}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

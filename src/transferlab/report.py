@@ -1,4 +1,5 @@
-"""The results table a user reads: per-stage test metrics and the transfer gain of finetune over scratch."""
+"""The results table a user reads: per-stage test metrics and the transfer gain (config `gain`: by default finetune
+over scratch)."""
 
 import json
 import math
@@ -7,14 +8,15 @@ from pathlib import Path
 METRICS = ("acc", "acc_top5", "f1", "auroc")
 
 
-def summarise(stages: dict) -> dict:
-    """Flatten the manifest's stages into `{"<stage>/test/<metric>": value, "gain/<metric>": value}`."""
+def summarise(stages: dict, compare: str | None = None, baseline: str | None = None) -> dict:
+    """Flatten the manifest's stages into `{"<stage>/test/<metric>": value, "gain/<metric>": value}`, the gain
+    being stage `compare`'s metric minus stage `baseline`'s (when both were tested)."""
     flat = {f"{name}/test/{m}": s["test"][m] for name, s in stages.items() if s.get("status") == "done"
             for m in METRICS if m in s["test"]}
     for m in METRICS:
-        if f"finetune/test/{m}" in flat and f"scratch/test/{m}" in flat:
-            flat[f"gain/{m}"] = flat[f"finetune/test/{m}"] - flat[f"scratch/test/{m}"]
-    return {"metrics": flat, "stages": stages}
+        if f"{compare}/test/{m}" in flat and f"{baseline}/test/{m}" in flat:
+            flat[f"gain/{m}"] = flat[f"{compare}/test/{m}"] - flat[f"{baseline}/test/{m}"]
+    return {"metrics": flat, "stages": stages, "gain": {"compare": compare, "baseline": baseline}}
 
 
 def table(results: dict) -> str:
@@ -28,7 +30,9 @@ def table(results: dict) -> str:
                      + f" | {s.get('epochs', '')} | {s.get('wall_time_s', '')} s |")
     gain = results["metrics"].get("gain/acc")
     if gain is not None:
-        lines += ["", f"**Transfer gain** (finetune − scratch, test accuracy): **{gain * 100:+.2f} points**"]
+        names = results.get("gain") or {"compare": "finetune", "baseline": "scratch"}
+        lines += ["", f"**Transfer gain** ({names['compare']} − {names['baseline']}, test accuracy): "
+                      f"**{gain * 100:+.2f} points**"]
     return "\n".join(lines) + "\n"
 
 

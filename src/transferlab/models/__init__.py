@@ -11,6 +11,7 @@ BACKBONES = {
     "resnet18": lambda **kw: resnet_backbone("resnet18", **kw),
     "resnet50": lambda **kw: resnet_backbone("resnet50", **kw),
 }
+INPUT_SIZES = {"convnet": ConvNetBackbone.input_size}  # backbones that take one image size only (ResNets: any)
 
 
 def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
