@@ -132,15 +132,15 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path,
 def test_manifest_write_cut_short_leaves_the_old_manifest(tmp_path, monkeypatch):
     """The manifest is written to a temporary file and renamed: a crash before the rename (here the rename
     itself fails) leaves the previous manifest whole."""
-    from transferlab import pipeline
+    from transferlab import fileio
     path = tmp_path / "manifest.json"
-    pipeline.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
+    fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
 
     def crash(*args):
         raise OSError("killed")
-    monkeypatch.setattr(pipeline.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError):
-        pipeline.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
+        fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
     assert json.loads(path.read_text()) == {"stages": {"source": {"status": "done"}}}
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import UserError
+from transferlab.factories import build, make_trainer
 from transferlab.module import ClassifierModule
-from transferlab.pipeline import build, make_trainer
 from transferlab.transfer import load_checkpoint
 
 
