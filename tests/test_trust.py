@@ -29,7 +29,7 @@ CACHED_SOURCE = [*ONLY_SOURCE, "cache=true"]
 
 
 def cache_entries(tmp_path: Path, stage: str = "source") -> list[Path]:
-    return sorted((tmp_path / "outputs" / "cache" / "stages").glob(f"{stage}-*"))
+    return sorted(p for p in (tmp_path / "outputs" / "cache" / "stages").glob(f"{stage}-*") if p.is_dir())
 
 
 def snapshot(root: Path, leave_out: str = "attempts") -> dict:
