@@ -74,7 +74,7 @@ class Manifest:
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"{path} is not a transferlab manifest ({err}): it was cut short, edited or written by "
                             "another tool. Restore it from a backup, or run into a new folder (hydra.run.dir=...); "
-                            "nothing in the folder was changed.") from None
+                            "the folder is left as it was.") from None
         return cls(path, stages, {k: v for k, v in data.items() if k != "stages"})
 
     def get(self, name: str) -> StageRecord | None:
