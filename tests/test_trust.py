@@ -174,3 +174,16 @@ def test_one_diverging_step_fails_the_stage(tmp_path):
     stages = manifest(run_dir)["stages"]
     assert stages["finetune"]["status"] == "failed" and "training diverged" in stages["finetune"]["reason"]
     assert "scratch" not in stages and not (run_dir / "results.json").exists()
+
+
+def test_a_last_checkpoint_without_a_record_of_its_config_is_not_resumed(tiny_cfg):
+    """Item 1: checkpoints whose config the manifest does not name (its entry was deleted, the folder kept)
+    could have been trained under other values: refused, not resumed."""
+    from transferlab.errors import UserError
+    from transferlab.pipeline import run
+    cfg = tiny_cfg(*ONLY_SOURCE, "trainer.max_epochs=1")
+    run(cfg)
+    path = Path(cfg.paths.run_dir) / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"stages": {}}))
+    with pytest.raises(UserError, match="last.ckpt has no record in manifest.json of the config that trained it"):
+        run(tiny_cfg(*ONLY_SOURCE, "trainer.max_epochs=1", "stages.source.optimizer.lr=0.5"))

@@ -101,12 +101,13 @@ def open_cache(cfg: DictConfig) -> StageCache | NoCache:
     return StageCache(Path(cfg.paths.cache_dir) / "stages")
 
 
-def failed(plan: StagePlan, folder: RunFolder, err: Exception) -> StageRecord:
-    """The record of a stage that failed: what it trained (under this hash) stays named; it is never cached."""
+def failed(plan: StagePlan, folder: RunFolder, err: BaseException, status: str = "failed") -> StageRecord:
+    """The record of a stage that failed (or was interrupted): the attempts that trained it under this hash
+    stay named, so it can be resumed; it is never cached."""
     last = folder.dir / plan.name / "checkpoints" / "last.ckpt"
     before = folder.manifest.get(plan.name)
     trained = before.attempts if before and before.config_hash == plan.hash else []
-    return StageRecord(status="failed", task=plan.stage.task, config_hash=plan.hash, config=plan.config,
+    return StageRecord(status=status, task=plan.stage.task, config_hash=plan.hash, config=plan.config,
                        attempts=trained, reason=f"{type(err).__name__}: {user_message(err)}",
                        last_ckpt=os.path.relpath(last, folder.dir) if last.is_file() else None,
                        provenance=folder.provenance)
@@ -184,7 +185,7 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     resume = last.is_file()
     if resume:
         check_resumable(last)
-        if before is None or before.config_hash != plan.hash:
+        if before is None or before.config_hash != plan.hash or not before.attempts:  # no attempt trained it
             raise UserError(f"{last} has no record in manifest.json of the config that trained it, so resuming it "
                             f"could train on under other values: delete {stage_dir} to train the stage from its "
                             "start, or use a new run folder (hydra.run.dir=...).")
