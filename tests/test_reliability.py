@@ -82,7 +82,8 @@ def kill_when_marked(run_dir: Path, overrides: list[str], callback: str, **param
 
 def resume(run_dir: Path, stage: str, overrides: list[str]) -> dict:
     """Re-run into the killed run's folder: finished stages are skipped untouched, `stage` resumes."""
-    before = manifest(run_dir)["stages"] if (run_dir / "manifest.json").exists() else {}
+    recorded = manifest(run_dir)["stages"] if (run_dir / "manifest.json").exists() else {}
+    before = {name: s for name, s in recorded.items() if s["status"] == "done"}  # the killed one is "running"
     mtimes = {name: (run_dir / s["best_ckpt"]).stat().st_mtime_ns for name, s in before.items()}
     resumed = run_cli("transferlab", *DETERMINISTIC, *overrides, f"hydra.run.dir={run_dir}")
     log = resumed.stdout + resumed.stderr + (run_dir / "cli.log").read_text()
