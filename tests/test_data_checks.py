@@ -17,7 +17,7 @@ from PIL import Image
 
 from transferlab.data import CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule, ImageNetDataModule
 from transferlab.errors import UserError
-from transferlab.pipeline import build
+from transferlab.factories import build
 
 
 def cifar(tmp_path, **kwargs) -> CIFAR10DataModule:

@@ -82,7 +82,8 @@ def kill_when_marked(run_dir: Path, overrides: list[str], callback: str, **param
 
 def resume(run_dir: Path, stage: str, overrides: list[str]) -> dict:
     """Re-run into the killed run's folder: finished stages are skipped untouched, `stage` resumes."""
-    before = manifest(run_dir)["stages"] if (run_dir / "manifest.json").exists() else {}
+    recorded = manifest(run_dir)["stages"] if (run_dir / "manifest.json").exists() else {}
+    before = {name: s for name, s in recorded.items() if s["status"] == "done"}  # the killed one is "running"
     mtimes = {name: (run_dir / s["best_ckpt"]).stat().st_mtime_ns for name, s in before.items()}
     resumed = run_cli("transferlab", *DETERMINISTIC, *overrides, f"hydra.run.dir={run_dir}")
     log = resumed.stdout + resumed.stderr + (run_dir / "cli.log").read_text()
@@ -132,15 +133,15 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path,
 def test_manifest_write_cut_short_leaves_the_old_manifest(tmp_path, monkeypatch):
     """The manifest is written to a temporary file and renamed: a crash before the rename (here the rename
     itself fails) leaves the previous manifest whole."""
-    from transferlab import pipeline
+    from transferlab import fileio
     path = tmp_path / "manifest.json"
-    pipeline.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
+    fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
 
     def crash(*args):
         raise OSError("killed")
-    monkeypatch.setattr(pipeline.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError):
-        pipeline.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
+        fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
     assert json.loads(path.read_text()) == {"stages": {"source": {"status": "done"}}}
 
 

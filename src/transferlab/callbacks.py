@@ -1,5 +1,6 @@
 """Callbacks of the pipeline (configured in conf/callbacks/)."""
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,7 @@ from transferlab.errors import UserError
 
 
 class NonFiniteLossError(UserError):
-    """Training diverged: the loss became NaN or infinite."""
+    """Training diverged: a loss became NaN, infinite or absurdly large."""
 
 
 class StopOnNonFiniteLoss(L.Callback):
@@ -32,3 +33,20 @@ class StopOnNonFiniteLoss(L.Callback):
             f"Stage {stage!r}: the training loss is {loss.item()} at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step} (batch {batch} of the epoch); training diverged and was stopped ({kept}). "
             f"Lower stages.{stage}.optimizer.lr, add a scheduler or check the data for bad values.")
+
+
+def check_losses(stage: str, stage_dir: Path, num_classes: int, **losses) -> None:
+    """A stage whose last training, validation or test loss is not finite, or over 1000 x ln(classes), failed.
+
+    ln(classes) is the cross-entropy of a uniform guess; no model that learned anything scores a thousand times
+    worse, but one diverging step (e.g. a huge lr with one batch per epoch) does, without ever a NaN."""
+    chance = math.log(max(num_classes, 2))
+    for split, value in losses.items():
+        value = None if value is None else float(value)
+        if value is not None and not (math.isfinite(value) and value <= 1000 * chance):
+            why = "not finite" if not math.isfinite(value) else (
+                f"over 1000 x ln({num_classes}) = {1000 * chance:.0f} (a uniform guess scores {chance:.2f})")
+            raise NonFiniteLossError(
+                f"Stage {stage!r}: the {split} loss is {value:.3g}, {why}: training diverged, so the stage is marked "
+                f"failed and its results are not used. Lower stages.{stage}.optimizer.lr (or add a scheduler), then "
+                f"delete {stage_dir} (its checkpoints were trained at the old lr) and re-run, or use a new run folder.")

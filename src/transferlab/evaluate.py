@@ -7,8 +7,8 @@ from omegaconf import DictConfig
 
 from transferlab import validation
 from transferlab.errors import UserError
+from transferlab.factories import build, make_trainer
 from transferlab.module import ClassifierModule
-from transferlab.pipeline import build, make_trainer
 from transferlab.transfer import load_checkpoint
 
 

@@ -1,15 +1,20 @@
 """File safety in one place: whole-or-absent writes (temporary file in the same folder, fsync, rename) and
 inter-process locks (`filelock`). Checkpoints, the manifest and both caches use these, nothing else."""
 
+import fcntl
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-__all__ = ["atomic_write", "write_json_atomic", "read_json", "atomic_dir", "lock", "Timeout"]
+from transferlab.errors import UserError
+
+__all__ = ["atomic_write", "write_json_atomic", "read_json", "atomic_dir", "lock", "copy_file", "writable_dir",
+           "Timeout"]
 
 
 def atomic_write(path: str | Path, data: bytes | str | memoryview) -> None:
@@ -63,3 +68,40 @@ def lock(path: str | Path, timeout: float = -1) -> FileLock:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path), timeout=timeout)
+
+
+FICLONE = 0x40049409  # Linux ioctl: share the blocks copy-on-write (btrfs, XFS with reflink, bcachefs)
+
+
+def copy_file(src: str | Path, dst: str | Path, read_only: bool = False) -> None:
+    """Copy `src` to `dst` whole or not at all, as a file of its own (never a hard link: editing one copy must
+    not change the other); a reflink where the file system does them, else a byte copy."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as source, open(tmp, "wb") as target:
+            try:
+                fcntl.ioctl(target.fileno(), FICLONE, source.fileno())
+            except OSError:
+                shutil.copyfileobj(source, target, 1 << 24)
+            target.flush()
+            os.fsync(target.fileno())
+        if read_only:
+            os.chmod(tmp, 0o444)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | Path, what: str) -> None:
+    """Create `path` if missing and prove that a file can be written in it (a real write: root passes every
+    permission check, yet not a read-only mount); else a UserError naming `what`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be written to ({err.strerror}: {err.filename}): point it at a "
+                        "folder you can write (a path whose parents are folders, not files).") from None

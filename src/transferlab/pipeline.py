@@ -1,114 +1,141 @@
 """Chains the stages of a recipe: source -> pretrain -> finetune, and the scratch baseline.
 
 Each stage gets its own folder (`<run>/<stage>/`), Trainer and ModelCheckpoint; the manifest
-(`<run>/manifest.json`, written atomically by rank zero) records what each stage produced, so a re-run
-into the same folder skips finished stages and resumes an unfinished one from its `last.ckpt`.
+(`<run>/manifest.json`, `manifest.Manifest`) records what each stage produced and under which config hash, so
+a re-run into the same folder skips finished stages and resumes an unfinished one from its `last.ckpt`, and
+refuses either when the config changed (`plan.check_rerun`).
 """
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
-import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import __version__, provenance, report, validation
-from transferlab.cache import NoCache, StageCache
-from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
+from transferlab import attempts, provenance, report, validation
+from transferlab.callbacks import check_losses
+from transferlab.checkpoint_io import check_resumable
 from transferlab.errors import UserError, user_message
+from transferlab.factories import build, make_trainer
+from transferlab.fileio import writable_dir
+from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
+from transferlab.plan import StagePlan, check_rerun, plan_stages
+from transferlab.stage_cache import NoCache, StageCache
 from transferlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
-logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler doubles every line under Hydra
-for message in (".*IterableDataset.*has `__len__` defined", ".*is smaller than the logging interval",
-                ".*LeafSpec.*is deprecated"):  # expected with our batch loader / epoch-level logging
-    warnings.filterwarnings("ignore", message=message)
-UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  # don't change results
+
+
+@dataclass
+class RunFolder:
+    """What the stages of one attempt at a run folder share."""
+    dir: Path
+    manifest: Manifest
+    cache: StageCache | NoCache
+    attempt: int  # this attempt's number (`.hydra/attempts/<n>/`)
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest.header["provenance"]
 
 
 def run(cfg: DictConfig) -> dict:
     """Run every stage of `cfg.stages` not yet done in `cfg.paths.run_dir`; return the results."""
     validation.validate(cfg)  # every config value, before anything is read or written
     run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = run_dir / "manifest.json"
-    manifest = read_json(manifest_path) or {"stages": {}}
-    manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
-    manifest["seed"] = cfg.seed
-    manifest["provenance"] = provenance.collect()
-    cache = StageCache(Path(cfg.paths.cache_dir) / "stages") if cfg.cache else NoCache()
-    hashes: dict[str, str] = {}
+    writable_dir(run_dir, "The run folder (hydra.run.dir)")
+    attempt = attempts.begin(run_dir)
+    manifest = None
+    try:
+        manifest = Manifest.load(run_dir)
+        results = run_stages(cfg, run_dir, manifest, attempt)
+    except BaseException as err:
+        attempts.end(run_dir, attempt, manifest.trained_by(attempt) if manifest else [], err)
+        raise
+    attempts.end(run_dir, attempt, manifest.trained_by(attempt), None)
+    return results
+
+
+def run_stages(cfg: DictConfig, run_dir: Path, manifest: Manifest, attempt: int) -> dict:
+    manifest.header = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
+                       "provenance": provenance.collect()}
+    folder = RunFolder(run_dir, manifest, open_cache(cfg), attempt)
+    data = Datasets(cfg)
     pending = []
-    for name, stage in cfg.stages.items():
-        hashes[name] = stage_hash(cfg, name, hashes.get(stage.init))
-        done = manifest["stages"].get(name, {})
-        if done.get("status") == "done":
-            if done.get("config_hash") != hashes[name]:
-                raise UserError(f"Stage {name!r} in {run_dir} was run with another configuration. Re-running into "
-                                f"the same folder only resumes the same experiment: use a new run folder, or delete "
-                                f"{run_dir / name} and its entry in manifest.json to run that stage again.")
-            log.info("Stage %s: done in an earlier run, skipped", name)
+    for plan in plan_stages(cfg, data.hashes()):  # every check before any training
+        record = manifest.get(plan.name)
+        check_rerun(plan, record, run_dir)
+        if record is not None and record.status == "done":
+            log.info("Stage %s: done in an earlier run, skipped", plan.name)
         else:
-            pending.append(name)
+            pending.append(plan)
     # bad data fails here, before any training (stages given as a checkpoint or in the cache need none)
-    data = check_data(cfg, [n for n in pending
-                            if not cfg.stages[n].get("result_ckpt") and not cache.has(n, hashes[n])])
-    for name in pending:
-        stage = cfg.stages[name]
-        datamodule = lambda task=stage.task: data.pop(task, None) or build(cfg.data[task])
+    data.load([p for p in pending if not p.stage.get("result_ckpt") and not folder.cache.has(p.name, p.hash)])
+    for plan in pending:
+        if plan.stage.init or plan.stage.get("init_ckpt"):
+            init = manifest.checkpoint(plan.stage.init) if plan.stage.init else Path(plan.stage.init_ckpt)
+            plan = replace(plan, init=init.expanduser())
         try:
-            entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, datamodule, cache, hashes[name])
+            record = obtain_stage(cfg, plan, folder, data)
         except Exception as err:
-            last = run_dir / name / "checkpoints" / "last.ckpt"
-            manifest["stages"][name] = {"status": "failed", "reason": f"{type(err).__name__}: {user_message(err)}",
-                                        "last_ckpt": os.path.relpath(last, run_dir) if last.is_file() else None,
-                                        "config_hash": hashes[name], "provenance": manifest["provenance"]}
-            write_json_atomic(manifest_path, manifest)
+            manifest.record(plan.name, failed(plan, folder, err))
             raise
-        manifest["stages"][name] = entry | {"config_hash": hashes[name], "provenance": manifest["provenance"]}
-        write_json_atomic(manifest_path, manifest)
-    results = report.summarise(manifest["stages"], **(cfg.gain or {}))
+        manifest.record(plan.name, record)
+    stages = {name: record.to_json() for name, record in manifest.stages.items()}
+    results = report.summarise(stages, **(cfg.gain or {}))
     if rank_zero_only.rank == 0:
         report.write(run_dir, results)
     return results
 
 
-def obtain_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, datamodule, cache,
-                 key: str) -> dict:
+def open_cache(cfg: DictConfig) -> StageCache | NoCache:
+    if not cfg.cache:
+        return NoCache()
+    writable_dir(Path(cfg.paths.cache_dir) / "stages", "The stage cache folder (paths.cache_dir)")
+    return StageCache(Path(cfg.paths.cache_dir) / "stages")
+
+
+def failed(plan: StagePlan, folder: RunFolder, err: BaseException, status: str = "failed") -> StageRecord:
+    """The record of a stage that failed (or was interrupted): the attempts that trained it under this hash
+    stay named, so it can be resumed; it is never cached."""
+    last = folder.dir / plan.name / "checkpoints" / "last.ckpt"
+    before = folder.manifest.get(plan.name)
+    trained = before.attempts if before and before.config_hash == plan.hash else []
+    return StageRecord(status=status, task=plan.stage.task, config_hash=plan.hash, config=plan.config,
+                       attempts=trained, reason=f"{type(err).__name__}: {user_message(err)}",
+                       last_ckpt=os.path.relpath(last, folder.dir) if last.is_file() else None,
+                       provenance=folder.provenance)
+
+
+def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: "Datasets") -> StageRecord:
     """A given checkpoint (`stages.<name>.result_ckpt`), else the cached stage, else train it (and cache it).
 
     Under DDP only rank zero takes the lock, and rank zero's decision is broadcast so that every rank
     trains, or skips, the same stages."""
-    if stage.get("result_ckpt"):
-        return given_checkpoint(name, stage)
-
-    def from_cache() -> dict | None:
-        entry = _rank_zero_decides(cache.fetch(name, key, run_dir))
-        if entry is not None:
-            log.info("Stage %s: reused from the stage cache (%s)", name, entry["cached_from"])
-        return entry
-
-    entry = from_cache()
-    if entry is None:
-        with cache.lock(name, key) if rank_zero_only.rank == 0 else contextlib.nullcontext():
-            entry = from_cache()  # trained by a parallel job while this one waited for the lock?
-            if entry is None:
-                entry = run_stage(cfg, name, stage, done, run_dir, datamodule())
+    if plan.stage.get("result_ckpt"):
+        return given_checkpoint(cfg, plan, folder)
+    cache = folder.cache
+    record = _rank_zero_decides(cache.fetch(plan.name, plan.hash, folder.dir))
+    if record is None:
+        with cache.lock(plan.name, plan.hash) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+            # trained by a parallel job while this one waited for the lock?
+            record = _rank_zero_decides(cache.fetch(plan.name, plan.hash, folder.dir))
+            if record is None:
+                record = train_stage(cfg, plan, folder, data.take(plan.stage.task))
                 if rank_zero_only.rank == 0:
-                    cache.publish(name, key, run_dir, entry)
-                return entry | {"cached": False}
-    return entry | {"cached": True}
+                    cache.publish(plan.name, plan.hash, folder.dir, record)
+                return record
+    log.info("Stage %s: reused from the stage cache (%s, trained in %s)", plan.name, record.cached_from,
+             record.trained_in)
+    return record
 
 
 def _rank_zero_decides(value):
@@ -119,21 +146,27 @@ def _rank_zero_decides(value):
     return value
 
 
-def given_checkpoint(name: str, stage: DictConfig) -> dict:
-    """`stages.<name>.result_ckpt=<path>`: use an existing checkpoint as this stage's result, without training."""
-    path = Path(stage.result_ckpt).expanduser().resolve()
+def given_checkpoint(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> StageRecord:
+    """`stages.<name>.result_ckpt=<path>`: use an existing checkpoint as this stage's result, without training. It is
+    loaded (weights only) and checked to fit the model before the stage is marked done."""
+    path = Path(plan.stage.result_ckpt).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"stages.{name}.result_ckpt={stage.result_ckpt} does not exist: give the path of a .ckpt "
-                        "file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
-    log.info("Stage %s: using the given checkpoint %s", name, path)
-    return {"status": "done", "task": stage.task, "init": None, "best_ckpt": str(path), "last_ckpt": None,
-            "given_ckpt": True, "test": {}, "wall_time_s": 0.0}
+        raise UserError(f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} does not exist: give the path "
+                        "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
+    module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True), num_classes=2,
+                              optimizer={"name": "sgd", "lr": 1.0})
+    try:
+        init_from_checkpoint(module, path, new_head=True)  # the head is checked by the stage that inits from it
+    except UserError as err:
+        raise UserError(f"stages.{plan.name}.result_ckpt: {err}") from None
+    log.info("Stage %s: using the given checkpoint %s", plan.name, path)
+    return StageRecord(status="done", task=plan.stage.task, config_hash=plan.hash, config=plan.config,
+                       best_ckpt=str(path), given_ckpt=True, provenance=folder.provenance)
 
 
-def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir: Path, datamodule) -> dict:
-    """Train one stage (initialised from its `init` stage or `init_ckpt`, or resumed from its own last.ckpt)
-    and test it."""
-    stage_dir = run_dir / name
+def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule) -> StageRecord:
+    """Train one stage (initialised from `plan.init`, or resumed from its own last.ckpt) and test it."""
+    name, stage, stage_dir = plan.name, plan.stage, folder.dir / plan.name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     callbacks = [build(c) for c in cfg.callbacks.values()]
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
@@ -150,93 +183,59 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
     for partial in (stage_dir / "checkpoints").glob("*.tmp"):  # a write cut short by a kill: never loaded
         log.info("Stage %s: removing %s, a checkpoint write that did not finish", name, partial)
         partial.unlink(missing_ok=True)
+    before = folder.manifest.get(name)
     resume = last.is_file()
     if resume:
         check_resumable(last)
+        if before is None or before.config_hash != plan.hash or not before.attempts:  # no attempt trained it
+            raise UserError(f"{last} has no record in manifest.json of the config that trained it, so resuming it "
+                            f"could train on under other values: delete {stage_dir} to train the stage from its "
+                            "start, or use a new run folder (hydra.run.dir=...).")
         log.info("Stage %s: resuming from %s", name, last)
-    elif stage.init or stage.get("init_ckpt"):
-        # the init stage's best checkpoint (relative to the run, or absolute when given), or a user's file
-        source = run_dir / done[stage.init]["best_ckpt"] if stage.init else Path(stage.init_ckpt).expanduser()
-        log.info("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
-        init_from_checkpoint(module, source, new_head=stage.init_head == "new")
+    elif plan.init is not None:
+        log.info("Stage %s: initialised from %s (%s head)", name, plan.init, stage.init_head)
+        init_from_checkpoint(module, plan.init, new_head=stage.init_head == "new")
+    record = StageRecord(status="running", task=stage.task, config_hash=plan.hash, config=plan.config,
+                         attempts=[*(before.attempts if resume else []), folder.attempt],
+                         init=stage.init or stage.get("init_ckpt"), provenance=folder.provenance,
+                         last_ckpt=os.path.relpath(last, folder.dir))
+    folder.manifest.record(name, record)  # before the first step: the hash its checkpoints are trained under
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     best = checkpoint.best_model_path
     if not best:
         raise UserError(f"Stage {name!r} saved no best checkpoint: was {checkpoint.monitor!r} logged? "
                         "Check callbacks.model_checkpoint.monitor and trainer.limit_val_batches.")
+    fit_losses = {k: trainer.callback_metrics.get(f"{k}/loss") for k in ("train", "val")}
     [test] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    return {
-        "status": "done",
-        "task": stage.task,
-        "init": stage.init or stage.get("init_ckpt"),
-        "best_ckpt": os.path.relpath(best, run_dir),
-        "last_ckpt": os.path.relpath(last, run_dir),
-        "best_val": float(checkpoint.best_model_score),
-        "epochs": trainer.current_epoch,
-        "splits": datamodule.split_sizes(),
-        "data": datamodule.fingerprint(),
-        "test": {k.removeprefix("test/"): float(v) for k, v in test.items()},
-        "wall_time_s": round(time.time() - start, 1),
-    }
+    check_losses(name, stage_dir, datamodule.num_classes, **fit_losses, test=test.get("test/loss"))
+    return replace(record, status="done", best_ckpt=os.path.relpath(best, folder.dir),
+                   best_val=float(checkpoint.best_model_score), epochs=trainer.current_epoch,
+                   splits=datamodule.split_sizes(), data=datamodule.fingerprint(),
+                   test={k.removeprefix("test/"): float(v) for k, v in test.items()},
+                   wall_time_s=round(time.time() - start, 1))
 
 
-def check_data(cfg: DictConfig, stages: list[str]) -> dict:
-    """Load the data of the stages to run, so a missing root or a bad file stops the run before any training;
-    the loaded data modules are handed to the first stage of each task."""
-    data = {}
-    for name in stages:
-        task = cfg.stages[name].task
-        if task not in data:
-            data[task] = build(cfg.data[task])
-        if data[task].split_sizes()["val"] == 0:
-            raise UserError(f"Stage {name!r}: the validation split is empty; the best checkpoint is chosen on it, so "
-                            f"set data.{task}.val_fraction above 0 (or give more training samples).")
-    return data
+class Datasets:
+    """The data modules of the run's tasks. Their content hashes go into the stage hashes (the cache and resume
+    follow the data's bytes, not only its config); the data of the stages to train is loaded up front, so that
+    a missing root or a bad file stops the run before any training. A task's first stage gets the loaded
+    module, later ones a fresh one."""
 
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        tasks = {stage.task for stage in cfg.stages.values() if not stage.get("result_ckpt")}
+        self.loaded = {task: build(cfg.data[task]) for task in sorted(tasks)}
 
-def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.Trainer:
-    """The Trainer of `cfg.trainer`; a set `trainer.max_epochs_per_stage` caps every stage's epochs (debug presets)."""
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.pop("max_epochs", None)  # the old name of max_epochs_per_stage: refused by validation when set
-    cap = trainer_cfg.pop("max_epochs_per_stage", None)
-    epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None
-    kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # whole checkpoints or none, whatever the temp folder
-    return build(trainer_cfg, max_epochs=epochs, **kwargs)
+    def hashes(self) -> dict[str, str]:
+        return {task: module.data_hash() for task, module in self.loaded.items()}
 
+    def load(self, plans: list[StagePlan]) -> None:
+        for plan in plans:
+            task = plan.stage.task
+            if self.loaded[task].split_sizes()["val"] == 0:
+                raise UserError(f"Stage {plan.name!r}: the validation split is empty; the best checkpoint is chosen on "
+                                f"it, so set data.{task}.val_fraction above 0 (or give more training samples).")
 
-def build(node, **kwargs):
-    """hydra.utils.instantiate, but a UserError raised by the target surfaces as itself."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        target = node.get("_target_") if hasattr(node, "get") else None
-        raise UserError(f"Could not build {target}: {cause or err}. Check the options given to it.") from None
-
-
-def stage_hash(cfg: DictConfig, name: str, upstream: str | None) -> str:
-    """What determines a stage's result: its recipe, data, model, seed, trainer, and its upstream stage."""
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)
-    stage = cfg.stages[name]
-    what = {"version": __version__, "stage": plain(stage), "data": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"}, "model": plain(cfg.model), "seed": cfg.seed,
-            "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS}, "upstream": upstream,
-            "lr_scale": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None}
-    if stage.get("result_ckpt"):  # a given checkpoint: what determines it is the file
-        path = Path(stage.result_ckpt).expanduser()
-        what = {"ckpt": str(path.resolve()), "size": path.stat().st_size if path.is_file() else None}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-@rank_zero_only
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file, then rename: a kill mid-write leaves the old file whole."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    def take(self, task: str):
+        return self.loaded.pop(task, None) or build(self.cfg.data[task])

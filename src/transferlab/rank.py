@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab import provenance, report
 from transferlab.cli import CONF_DIR, _report_user_errors
 from transferlab.errors import UserError
+from transferlab.factories import build
 from transferlab.fileio import atomic_write, read_json, write_json_atomic
 from transferlab.module import ClassifierModule
-from transferlab.pipeline import build
 from transferlab.transfer import load_checkpoint
 from transferlab.transferability import SCORES, all_scores, kendall_tau_b, pearson_r
 

@@ -4,7 +4,7 @@
 
 Types are checked as a user means them: a bool is not a number (`lr=true` is not lr 1), `1.5` is not a count
 of epochs. What needs the data itself (empty splits, labels out of range) is checked by the data modules when
-`pipeline.check_data` builds them, still before the first training step.
+`pipeline.Datasets` builds them, still before the first training step.
 """
 
 import json

@@ -1,0 +1,98 @@
+"""`<run>/manifest.json`: what each stage of a run produced, under which config, from which attempt.
+
+A stage's record is a `StageRecord` (the one place its fields are named); `Manifest` loads the file (a
+damaged one is a UserError, not a traceback), records a stage and saves atomically (rank zero only).
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from transferlab.errors import UserError
+from transferlab.fileio import write_json_atomic
+
+STATUSES = ("running", "done", "failed", "interrupted")
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run. `config_hash`/`config` are what its checkpoints were trained under (`config` is the
+    hashed values, so a changed re-run can be shown the keys that differ); `attempts` are the numbers of the
+    run's attempts (`.hydra/attempts/<n>/`) that trained it, all under that one hash."""
+    status: str
+    task: str | None = None
+    config_hash: str | None = None
+    config: dict | None = None
+    attempts: list[int] = field(default_factory=list)  # of the run folder that trained it (trained_in if cached)
+    init: str | None = None
+    best_ckpt: str | None = None  # relative to the run folder (absolute for a given checkpoint)
+    last_ckpt: str | None = None
+    best_val: float | None = None
+    epochs: int | None = None
+    splits: dict | None = None
+    data: dict | None = None
+    test: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    provenance: dict | None = None  # of the run that trained it (for a cached stage too)
+    reason: str | None = None  # why it failed
+    given_ckpt: bool = False  # stages.<name>.ckpt: a file used as the result, not trained
+    cached: bool = False  # reused from the stage cache ...
+    cached_from: str | None = None  # ... entry <cache_dir>/stages/<name>-<hash>
+    trained_in: str | None = None  # the run folder that trained it, when reused from the cache
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data, where: str = "") -> "StageRecord":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or data.get("status") not in STATUSES or set(data) - names:
+            found = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{where}is not a stage record (status one of {', '.join(STATUSES)}; "
+                             f"unexpected: {found or data.get('status')!r})")
+        return cls(**data)
+
+
+class Manifest:
+    """The manifest of one run folder: header (config, seed, provenance of the latest attempt) + stage records."""
+
+    def __init__(self, path: Path, stages: dict[str, StageRecord] | None = None, header: dict | None = None):
+        self.path, self.stages, self.header = Path(path), stages or {}, header or {}
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        path = Path(run_dir) / "manifest.json"
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+                raise ValueError("expected an object with a 'stages' object")
+            stages = {name: StageRecord.from_json(s, f"stage {name!r} ") for name, s in data["stages"].items()}
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"{path} is not a transferlab manifest ({err}): it was cut short, edited or written by "
+                            "another tool. Restore it from a backup, or run into a new folder (hydra.run.dir=...); "
+                            "the folder is left as it was.") from None
+        return cls(path, stages, {k: v for k, v in data.items() if k != "stages"})
+
+    def get(self, name: str) -> StageRecord | None:
+        return self.stages.get(name)
+
+    def record(self, name: str, record: StageRecord) -> None:
+        """Set a stage's record and save the manifest."""
+        self.stages[name] = record
+        self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        write_json_atomic(self.path, {**self.header, "stages": {n: r.to_json() for n, r in self.stages.items()}})
+
+    def trained_by(self, attempt: int) -> list[str]:
+        """The stages that attempt `attempt` of this run folder trained (not those it reused from the cache)."""
+        return [name for name, r in self.stages.items() if attempt in r.attempts and r.trained_in is None]
+
+    def checkpoint(self, name: str) -> Path:
+        """The best checkpoint of stage `name` (done): relative paths are relative to the run folder."""
+        return self.path.parent / self.stages[name].best_ckpt
