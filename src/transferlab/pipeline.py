@@ -22,7 +22,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import __version__, provenance, report
+from transferlab import __version__, methods, provenance, report
 from transferlab.cache import NoCache, StageCache
 from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
 from transferlab.errors import UserError, user_message
@@ -144,7 +144,8 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
         optimizer["lr"] *= datamodule.batch_size * trainer.world_size / cfg.reference_batch_size
     module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True),
                               num_classes=datamodule.num_classes, optimizer=optimizer,
-                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True), train=stage.train)
+                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True),
+                              **methods.options(stage))
     last = stage_dir / "checkpoints" / "last.ckpt"
     for partial in (stage_dir / "checkpoints").glob("*.tmp"):  # a write cut short by a kill: never loaded
         log.info("Stage %s: removing %s, a checkpoint write that did not finish", name, partial)
@@ -240,6 +241,7 @@ def validate_stages(cfg: DictConfig) -> None:
                             "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict.")
         if stage.init_head not in ("new", "keep"):
             raise UserError(f"stages.{name}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
+        methods.check(name, stage, cfg.model.get("name"))
         if stage.epochs < 1:
             raise UserError(f"stages.{name}.epochs must be at least 1, got {stage.epochs}.")
         optimizer = stage.optimizer
