@@ -29,8 +29,16 @@ def loader(n: int = 48, batch: int = 16, seed: int = 0) -> DataLoader:
 
 
 def fit(module: L.LightningModule, epochs: int = 2, callbacks=(), n: int = 48) -> L.Trainer:
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, train_dataloaders=loader(n))
     return trainer
 
@@ -44,13 +52,18 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("model,names", [
-    ("convnet", ["conv1", "conv2", "fc", "head"]),
-    ("resnet18", ["stem", "layer1", "layer2", "layer3", "layer4", "head"]),
-    ("resnet50", ["stem", "layer1", "layer2", "layer3", "layer4", "head"])])
+@pytest.mark.parametrize(
+    "model,names",
+    [
+        ("convnet", ["conv1", "conv2", "fc", "head"]),
+        ("resnet18", ["stem", "layer1", "layer2", "layer3", "layer4", "head"]),
+        ("resnet50", ["stem", "layer1", "layer2", "layer3", "layer4", "head"]),
+    ],
+)
 def test_every_model_is_split_into_named_blocks(model, names):
-    module = ClassifierModule(model={"name": model, "small_input": True} if model != "convnet" else CONVNET,
-                              num_classes=4, optimizer=SGD)
+    module = ClassifierModule(
+        model={"name": model, "small_input": True} if model != "convnet" else CONVNET, num_classes=4, optimizer=SGD
+    )
     assert block_names(model) == list(module.blocks) == names  # (model_blocks checks every parameter is in one)
 
 
@@ -84,21 +97,28 @@ def test_gradual_unfreezing_unfreezes_one_block_more_every_n_epochs_from_the_hea
     snapshots = Snapshots()
     fit(module, epochs=6, callbacks=[snapshots])
     changed = [[name for name in module.blocks if not same(start[name], epoch[name])] for epoch in snapshots.epochs]
-    assert changed == [["head"], ["head"], ["fc", "head"], ["fc", "head"], ["conv2", "fc", "head"],
-                       ["conv2", "fc", "head"]]
+    assert changed == [
+        ["head"],
+        ["head"],
+        ["fc", "head"],
+        ["fc", "head"],
+        ["conv2", "fc", "head"],
+        ["conv2", "fc", "head"],
+    ]
 
 
 def test_layer_decay_and_backbone_multiplier_scale_each_block_group():
     lr, decay, mult = 0.1, 0.5, 0.1
-    module = ClassifierModule(model=RESNET18, num_classes=4, optimizer={"name": "sgd", "lr": lr},
-                              layer_decay=decay, backbone_lr_mult=mult)
+    module = ClassifierModule(
+        model=RESNET18, num_classes=4, optimizer={"name": "sgd", "lr": lr}, layer_decay=decay, backbone_lr_mult=mult
+    )
     groups = module.configure_optimizers().param_groups
     names = block_names("resnet18")
     assert [g["name"] for g in groups] == names
     for i, group in enumerate(groups):
         expected = lr * decay ** (len(names) - 1 - i) * (1 if group["name"] == "head" else mult)
         assert group["lr"] == pytest.approx(expected)
-    assert groups[-1]["lr"] == lr and groups[0]["lr"] == pytest.approx(lr * mult * decay ** 5)
+    assert groups[-1]["lr"] == lr and groups[0]["lr"] == pytest.approx(lr * mult * decay**5)
 
 
 def test_default_options_keep_one_plain_parameter_group():
@@ -109,8 +129,12 @@ def test_default_options_keep_one_plain_parameter_group():
 
 def test_weight_decay_groups_hold_no_norm_or_bias_parameter():
     module = ClassifierModule(model=RESNET18, num_classes=4, optimizer=SGD, decay_norm_bias=False)
-    norm_or_bias = {id(p) for m in module.modules() for n, p in m.named_parameters(recurse=False)
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) or n == "bias"}
+    norm_or_bias = {
+        id(p)
+        for m in module.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or n == "bias"
+    }
     groups = module.configure_optimizers().param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     undecayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -131,8 +155,13 @@ class RecordLRs(L.Callback):
 @pytest.mark.parametrize("interval", ["step", "epoch"])
 def test_group_lrs_follow_warmup_then_cosine(interval):
     lr, decay, epochs, per_epoch = 0.1, 0.5, 4, 3  # 48 samples / batch 16
-    module = ClassifierModule(model=CONVNET, num_classes=4, optimizer={"name": "sgd", "lr": lr}, layer_decay=decay,
-                              scheduler={"name": "cosine", "warmup_epochs": 1, "interval": interval})
+    module = ClassifierModule(
+        model=CONVNET,
+        num_classes=4,
+        optimizer={"name": "sgd", "lr": lr},
+        layer_decay=decay,
+        scheduler={"name": "cosine", "warmup_epochs": 1, "interval": interval},
+    )
     record = RecordLRs()
     fit(module, epochs=epochs, callbacks=[record])
     total, warmup = (epochs * per_epoch, per_epoch) if interval == "step" else (epochs, 1)
@@ -147,7 +176,7 @@ def test_l2sp_is_zero_at_the_start_and_keeps_the_model_closer_to_its_starting_po
     module = ClassifierModule(model=CONVNET, num_classes=4, optimizer=SGD)
     w0 = regularizers.starting_point(module.backbone)
     assert regularizers.l2sp(module.backbone, module.head, w0, alpha=0.01, beta=0.0).item() == 0
-    head_sq = sum((p ** 2).sum() for p in module.head.parameters())
+    head_sq = sum((p**2).sum() for p in module.head.parameters())
     assert regularizers.l2sp(module.backbone, module.head, w0, 0.01, 0.5).item() == pytest.approx(0.25 * head_sq.item())
 
     def distance(l2sp):
@@ -157,6 +186,7 @@ def test_l2sp_is_zero_at_the_start_and_keeps_the_model_closer_to_its_starting_po
         trainer = fit(module, epochs=3)
         moved = sum(((p - start[n]) ** 2).sum() for n, p in module.backbone.named_parameters()).item()
         return moved, trainer.callback_metrics
+
     free, _ = distance(None)
     held, metrics = distance({"alpha": 1.0, "beta": 0.01})
     assert held < 0.8 * free and metrics["train/l2sp"] > 0
@@ -180,19 +210,23 @@ def test_label_smoothing_loss_is_torchs():
     module = ClassifierModule(model=CONVNET, num_classes=4, optimizer=SGD, label_smoothing=0.1)
     x, y = next(iter(loader()))
     logits = module(x)
-    by_hand = (0.9 * nn.functional.cross_entropy(logits, y) - 0.1 * logits.log_softmax(-1).mean(-1).mean())
+    by_hand = 0.9 * nn.functional.cross_entropy(logits, y) - 0.1 * logits.log_softmax(-1).mean(-1).mean()
     torchs = nn.CrossEntropyLoss(label_smoothing=0.1)(logits, y)
     assert module.training_step((x, y), 0).item() == pytest.approx(torchs.item()) == pytest.approx(by_hand.item())
 
 
-@pytest.mark.parametrize("override,message", [
-    ("+stages.pretrain.train=head", "stages.pretrain.train was renamed: use stages.pretrain.trainable"),
-    ("stages.pretrain.trainable=[layer4,head]", r"names no block of convnet \(layer4\).*conv1, conv2, fc, head"),
-    ("stages.finetune.layer_decay=1.5", r"layer_decay=1.5: must be a number in \(0, 1\]"),
-    ("stages.finetune.scheduler.warmup_epochs=2", "leaves no epoch after the warm-up"),
-    ("+stages.finetune.optimizer.nesterov=true", "nesterov=true needs momentum > 0"),
-    ("+stages.finetune.l2sp.gamma=1", r"give \{alpha, beta\} only"),
-    ("stages.finetune.scheduler.interval=batch", "use epoch or step")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+stages.pretrain.train=head", "stages.pretrain.train was renamed: use stages.pretrain.trainable"),
+        ("stages.pretrain.trainable=[layer4,head]", r"names no block of convnet \(layer4\).*conv1, conv2, fc, head"),
+        ("stages.finetune.layer_decay=1.5", r"layer_decay=1.5: must be a number in \(0, 1\]"),
+        ("stages.finetune.scheduler.warmup_epochs=2", "leaves no epoch after the warm-up"),
+        ("+stages.finetune.optimizer.nesterov=true", "nesterov=true needs momentum > 0"),
+        ("+stages.finetune.l2sp.gamma=1", r"give \{alpha, beta\} only"),
+        ("stages.finetune.scheduler.interval=batch", "use epoch or step"),
+    ],
+)
 def test_bad_method_options_are_named_before_training(tmp_path, override, message):
     cfg = compose_config(tmp_path / "run", [*TINY, override])
     with pytest.raises(UserError, match=message):
@@ -204,8 +238,11 @@ def test_l2sp_starting_point_survives_a_resume(tmp_path):
     """w0 is the stage's initialising weights, also after the stage is interrupted and resumed (it is saved in the
     checkpoint, which still loads weights-only)."""
     overrides = [*TINY, "recipe=l2sp", "~stages.scratch"]
-    crash = ["+callbacks.crash._target_=helpers.CrashAtEpoch", "+callbacks.crash.stage=finetune",
-             "+callbacks.crash.epoch=1"]
+    crash = [
+        "+callbacks.crash._target_=helpers.CrashAtEpoch",
+        "+callbacks.crash.stage=finetune",
+        "+callbacks.crash.epoch=1",
+    ]
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(compose_config(tmp_path / "run", [*overrides, *crash]))
     run(compose_config(tmp_path / "run", overrides))
@@ -220,8 +257,15 @@ def test_each_ready_recipe_runs_end_to_end(tmp_path):
     """One multirun over the ready recipes; the lr monitor shows the discriminative groups, the loss terms log."""
     tiny = [o for o in TINY if o != "~callbacks.lr_monitor"]
     recipes = ["strong", "l2sp", "discriminative", "bss"]
-    run_cli("transferlab", "-m", f"recipe={','.join(recipes)}", *tiny, "~stages.scratch", "objective=finetune/test/acc",
-            f"hydra.sweep.dir={tmp_path}/sweep")
+    run_cli(
+        "transferlab",
+        "-m",
+        f"recipe={','.join(recipes)}",
+        *tiny,
+        "~stages.scratch",
+        "objective=finetune/test/acc",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    )
     for job, recipe in enumerate(recipes):
         folder = tmp_path / "sweep" / str(job)
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -231,3 +275,9 @@ def test_each_ready_recipe_runs_end_to_end(tmp_path):
         assert {"l2sp": "train/l2sp" in header, "bss": "train/bss" in header}.get(recipe, True), (recipe, header)
         if recipe == "discriminative":
             assert {"lr-SGD/conv1", "lr-SGD/head"} <= set(header)
+
+
+def test_checkpoints_from_before_the_rename_still_build_their_module():
+    """transferlab-eval builds the module from a checkpoint's hyperparameters; old ones say `train`."""
+    module = ClassifierModule.from_hparams({"model": CONVNET, "num_classes": 4, "optimizer": SGD, "train": "head"})
+    assert module.trainable == ["head"] and not any(p.requires_grad for p in module.backbone.parameters())

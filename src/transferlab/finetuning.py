@@ -43,8 +43,10 @@ def resolve_trainable(trainable, model_name: str, key: str = "trainable") -> lis
     unknown = [w for w in wanted if w not in names]
     if unknown or not wanted:
         problem = f"names no block of {model_name} ({', '.join(map(str, unknown))})" if unknown else "trains nothing"
-        raise UserError(f"{key}={trainable!r} {problem}: use all, head, or a list of the blocks "
-                        f"[{', '.join(names)}] (e.g. {key}=[{names[-2]},head]).")
+        raise UserError(
+            f"{key}={trainable!r} {problem}: use all, head, or a list of the blocks "
+            f"[{', '.join(names)}] (e.g. {key}=[{names[-2]},head])."
+        )
     return [n for n in names if n in wanted]
 
 
@@ -61,7 +63,7 @@ class BlockFreezing(L.Callback):
         """The blocks that train in `epoch`."""
         if not self.unfreeze_every:
             return self.trainable
-        return self.trainable[-(1 + epoch // self.unfreeze_every):]
+        return self.trainable[-(1 + epoch // self.unfreeze_every) :]
 
     def frozen(self, epoch: int) -> list[str]:
         training = self.training(epoch)

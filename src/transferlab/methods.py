@@ -12,20 +12,22 @@ from transferlab.models import BLOCKS
 from transferlab.optim import check_scheduler
 
 DEFAULTS = {
-    "trainable": "all",          # all | head | [block names]: the blocks that train; the others are frozen
-    "unfreeze_every": 0,         # N > 0: the top trainable block first, one more every N epochs (from the head down)
-    "backbone_lr_mult": 1.0,     # lr of the backbone's blocks x this (Transfer-Learning-Library: 0.1)
-    "layer_decay": 1.0,          # block i of the model's L blocks: lr x layer_decay^(L-1-i), the head 1 (timm)
-    "decay_norm_bias": True,     # false: weight decay skips norm weights and biases (every 1-d parameter)
-    "label_smoothing": 0.0,      # of the training loss (validation and test report plain cross-entropy)
+    "trainable": "all",  # all | head | [block names]: the blocks that train; the others are frozen
+    "unfreeze_every": 0,  # N > 0: the top trainable block first, one more every N epochs (from the head down)
+    "backbone_lr_mult": 1.0,  # lr of the backbone's blocks x this (Transfer-Learning-Library: 0.1)
+    "layer_decay": 1.0,  # block i of the model's L blocks: lr x layer_decay^(L-1-i), the head 1 (timm)
+    "decay_norm_bias": True,  # false: weight decay skips norm weights and biases (every 1-d parameter)
+    "label_smoothing": 0.0,  # of the training loss (validation and test report plain cross-entropy)
     "l2sp": {"alpha": 0.0, "beta": 0.0},  # alpha/2 ||w_backbone - w0||^2 + beta/2 ||w_head||^2 (tllib: 0.01, 0.01)
-    "bss": {"weight": 0.0, "k": 1},       # weight x the k smallest squared singular values of the batch features
+    "bss": {"weight": 0.0, "k": 1},  # weight x the k smallest squared singular values of the batch features
 }
 
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 RULES = {  # option -> (test, what it must be)
-    "unfreeze_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                       "a whole number of epochs >= 0 (0: off)"),
+    "unfreeze_every": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "a whole number of epochs >= 0 (0: off)",
+    ),
     "backbone_lr_mult": (lambda v: _number(v) and v > 0, "a number > 0 (1: off)"),
     "layer_decay": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (1: off)"),
     "decay_norm_bias": (lambda v: isinstance(v, bool), "true or false"),
@@ -47,8 +49,10 @@ def check(name: str, stage, model_name: str) -> None:
     """Every fine-tuning option of `stages.<name>`, and its scheduler, named with the fix when wrong."""
     where = f"stages.{name}"
     if "train" in stage:
-        raise UserError(f"{where}.train was renamed: use {where}.trainable (all | head | a list of blocks, "
-                        f"e.g. [layer4,head]; train=head is trainable=head).")
+        raise UserError(
+            f"{where}.train was renamed: use {where}.trainable (all | head | a list of blocks, "
+            f"e.g. [layer4,head]; train=head is trainable=head)."
+        )
     opts = {**DEFAULTS, **options(stage)}
     for group in ("l2sp", "bss"):
         if not isinstance(opts[group], dict) or set(opts[group]) - set(DEFAULTS[group]):
@@ -62,9 +66,12 @@ def check(name: str, stage, model_name: str) -> None:
     scheduler = OmegaConf.to_container(stage.scheduler, resolve=True) if "scheduler" in stage else {}
     check_scheduler(scheduler, f"{where}.scheduler")
     if scheduler.get("warmup_epochs", 0) >= stage.get("epochs", 1) and scheduler.get("warmup_epochs", 0):
-        raise UserError(f"{where}.scheduler.warmup_epochs={scheduler['warmup_epochs']} leaves no epoch after the "
-                        f"warm-up ({where}.epochs={stage.get('epochs')}): use fewer warm-up epochs.")
+        raise UserError(
+            f"{where}.scheduler.warmup_epochs={scheduler['warmup_epochs']} leaves no epoch after the "
+            f"warm-up ({where}.epochs={stage.get('epochs')}): use fewer warm-up epochs."
+        )
     optimizer = stage.get("optimizer") or {}
     if optimizer.get("nesterov") and not optimizer.get("momentum"):
-        raise UserError(f"{where}.optimizer.nesterov=true needs momentum > 0: set {where}.optimizer.momentum "
-                        "(e.g. 0.9).")
+        raise UserError(
+            f"{where}.optimizer.nesterov=true needs momentum > 0: set {where}.optimizer.momentum (e.g. 0.9)."
+        )

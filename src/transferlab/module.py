@@ -24,10 +24,21 @@ class ClassifierModule(L.LightningModule):
     transferlab.optim); `label_smoothing`; `l2sp` and `bss` (transferlab.regularizers).
     """
 
-    def __init__(self, model: dict, num_classes: int, optimizer: dict, scheduler: dict | None = None,
-                 trainable=DEFAULTS["trainable"], unfreeze_every: int = 0, backbone_lr_mult: float = 1.0,
-                 layer_decay: float = 1.0, decay_norm_bias: bool = True, label_smoothing: float = 0.0,
-                 l2sp: dict | None = None, bss: dict | None = None):
+    def __init__(
+        self,
+        model: dict,
+        num_classes: int,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        trainable=DEFAULTS["trainable"],
+        unfreeze_every: int = 0,
+        backbone_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        decay_norm_bias: bool = True,
+        label_smoothing: float = 0.0,
+        l2sp: dict | None = None,
+        bss: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.backbone, features = build_backbone(**model)
@@ -42,12 +53,14 @@ class ClassifierModule(L.LightningModule):
         self.bss = {**DEFAULTS["bss"], **(bss or {})}
         self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-        })
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "auroc": MulticlassAUROC(num_classes, average="macro"),
+            }
+        )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -112,8 +125,9 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.blocks, hp.optimizer.get("lr", 0), hp.backbone_lr_mult, hp.layer_decay,
-                              hp.decay_norm_bias)
+        groups = param_groups(
+            self.blocks, hp.optimizer.get("lr", 0), hp.backbone_lr_mult, hp.layer_decay, hp.decay_norm_bias
+        )
         optimizer = build_optimizer(groups, hp.optimizer)
         scheduler = build_scheduler(optimizer, dict(hp.scheduler or {}), self._trainer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer

@@ -13,8 +13,13 @@ SCHEDULES = ("none", "cosine", "step")
 SCHEDULER_KEYS = {"name", "warmup_epochs", "interval", "step_size", "gamma"}
 
 
-def param_groups(blocks: dict[str, list[nn.Module]], lr: float, backbone_lr_mult: float = 1.0,
-                 layer_decay: float = 1.0, decay_norm_bias: bool = True) -> list[dict]:
+def param_groups(
+    blocks: dict[str, list[nn.Module]],
+    lr: float,
+    backbone_lr_mult: float = 1.0,
+    layer_decay: float = 1.0,
+    decay_norm_bias: bool = True,
+) -> list[dict]:
     """One group per block (and per decay / no decay), named after it, with lr x `scale`:
     scale = backbone_lr_mult (1 for the head) x layer_decay^(L-1-i) for block i of the model's L blocks (timm's
     layer-wise decay: the head, last, gets 1). Only parameters that require gradients are included. With every
@@ -32,8 +37,9 @@ def param_groups(blocks: dict[str, list[nn.Module]], lr: float, backbone_lr_mult
         if decay:
             groups.append({"name": name, "params": decay, "lr": lr * scale, "scale": scale})
         if no_decay:
-            groups.append({"name": f"{name}/no_decay", "params": no_decay, "lr": lr * scale, "scale": scale,
-                           "weight_decay": 0.0})
+            groups.append(
+                {"name": f"{name}/no_decay", "params": no_decay, "lr": lr * scale, "scale": scale, "weight_decay": 0.0}
+            )
     return groups
 
 
@@ -66,6 +72,7 @@ def lr_factor(cfg: dict, total: int, per_epoch: float):
         if name == "step":
             return gamma ** ((t - warmup) // max(1, round(step_size * per_epoch)))
         return 1.0
+
     return factor
 
 
@@ -85,8 +92,9 @@ def check_scheduler(cfg: dict, key: str = "scheduler") -> None:
     """Names, intervals and warm-up lengths a typo gets wrong, named before anything trains."""
     unknown = set(cfg) - SCHEDULER_KEYS
     if unknown:
-        raise UserError(f"{key} has unknown key(s) {', '.join(sorted(unknown))}; valid: "
-                        f"{', '.join(sorted(SCHEDULER_KEYS))}.")
+        raise UserError(
+            f"{key} has unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SCHEDULER_KEYS))}."
+        )
     if cfg.get("name", "none") not in SCHEDULES:
         raise UserError(f"{key}.name={cfg.get('name')!r} is unknown; available: {', '.join(SCHEDULES)}.")
     if cfg.get("interval", "epoch") not in ("epoch", "step"):

@@ -18,9 +18,12 @@ def starting_point(backbone: nn.Module) -> dict[str, torch.Tensor]:
 def l2sp(backbone: nn.Module, head: nn.Module, w0: dict[str, torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
     """alpha/2 sum ||w - w0||^2 over the backbone's trainable weights + beta/2 sum ||w||^2 over the head's."""
     zero = next(head.parameters()).new_zeros(())
-    sp = sum((((p - w0[name]) ** 2).sum() for name, p in backbone.named_parameters() if p.requires_grad),
-             zero) if alpha else zero
-    l2 = sum(((p ** 2).sum() for p in head.parameters() if p.requires_grad), zero)
+    sp = (
+        sum((((p - w0[name]) ** 2).sum() for name, p in backbone.named_parameters() if p.requires_grad), zero)
+        if alpha
+        else zero
+    )
+    l2 = sum(((p**2).sum() for p in head.parameters() if p.requires_grad), zero)
     return alpha / 2 * sp + beta / 2 * l2
 
 
