@@ -3,15 +3,16 @@ warm-up + cosine, L2-SP, BSS, label smoothing, weight decay without norms/biases
 
 import json
 import math
+import os
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, compose_config, run_cli
+from conftest import REPO, TINY, compose_config, run_cli
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab import regularizers
+from transferlab import methods, regularizers
 from transferlab.errors import UserError
 from transferlab.finetuning import block_names
 from transferlab.module import ClassifierModule
@@ -231,6 +232,50 @@ def test_bad_method_options_are_named_before_training(tmp_path, override, messag
     cfg = compose_config(tmp_path / "run", [*TINY, override])
     with pytest.raises(UserError, match=message):
         validate(cfg)
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_under_ddp_keeps_the_ranks_in_step(tmp_path, monkeypatch):
+    """Blocks unfrozen after DDP wrapped the model are all-reduced like the others: both ranks end equal."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]))  # for helpers
+    only_source = ["~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
+    run_cli(
+        "transferlab",
+        *TINY,
+        *only_source,
+        "trainer=ddp_cpu",
+        "stages.source.unfreeze_every=1",
+        "stages.source.epochs=3",
+        "+callbacks.weights._target_=helpers.SaveRankWeights",
+        f"hydra.run.dir={tmp_path}",
+    )
+    rank0, rank1 = (torch.load(tmp_path / "source" / f"weights_rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_strong_recipe_builds_its_optimizer_schedule_and_loss(tmp_path):
+    cfg = compose_config(tmp_path / "run", [*TINY, "recipe=strong"])
+    stage = cfg.stages.finetune
+    module = ClassifierModule(
+        model=CONVNET,
+        num_classes=4,
+        optimizer=dict(stage.optimizer),
+        scheduler=dict(stage.scheduler),
+        **methods.options(stage),
+    )
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in groups)
+    assert {g["name"]: g["weight_decay"] for g in groups} == {
+        "conv1": 5e-4,
+        "conv1/no_decay": 0,
+        "conv2": 5e-4,
+        "conv2/no_decay": 0,
+        "fc": 5e-4,
+        "fc/no_decay": 0,
+        "head": 5e-4,
+        "head/no_decay": 0,
+    }
+    assert module.hparams.label_smoothing == 0.1 and stage.scheduler.warmup_epochs == 1
 
 
 @pytest.mark.slow

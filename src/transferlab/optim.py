@@ -83,7 +83,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, trainer) -> dic
         return None
     epochs = max(1, trainer.max_epochs if trainer else 1)
     interval = cfg.get("interval", "epoch")
-    total = int(trainer.estimated_stepping_batches) if interval == "step" else epochs
+    total = int(trainer.estimated_stepping_batches) if trainer and interval == "step" else epochs
     factor = lr_factor(cfg, total, total / epochs)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": interval}
 
