@@ -92,3 +92,10 @@ class MarkAndWaitInCheckpointWrite(L.Callback):
             Path(self.marker).write_text(str(path))
             time.sleep(120)
         io._write = half_then_wait
+
+
+class SaveRankWeights(L.Callback):
+    """Each rank saves its model's weights at the end of training to `<stage>/weights_rank<N>.pt`."""
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), Path(trainer.default_root_dir) / f"weights_rank{trainer.global_rank}.pt")

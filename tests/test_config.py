@@ -40,7 +40,7 @@ def test_mission_recipe_is_the_default():
 
 def test_lp_ft_recipe_freezes_the_backbone_for_the_probe():
     cfg = compose_config(Path("/tmp/unused"), ["recipe=lp_ft"])
-    assert cfg.stages.pretrain.train == "head" and cfg.stages.finetune.train == "all"
+    assert cfg.stages.pretrain.trainable == "head" and cfg.stages.finetune.trainable == "all"
 
 
 def test_eval_config_composes(tmp_path):

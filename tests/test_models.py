@@ -58,7 +58,7 @@ def test_unknown_model_lists_the_available_ones():
 
 
 def test_head_training_freezes_the_backbone_and_optimizes_only_the_head():
-    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=SGD, train="head")
+    module = ClassifierModule(model={"name": "convnet"}, num_classes=10, optimizer=SGD, trainable="head")
     assert not any(p.requires_grad for p in module.backbone.parameters())
     optimizer = module.configure_optimizers()
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}

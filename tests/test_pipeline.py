@@ -57,7 +57,7 @@ def test_pretrain_starts_from_source_backbone_with_a_new_head(finished_run):
 
 
 def test_head_stage_keeps_the_source_backbone_exactly(tiny_cfg):
-    """With train=head (linear probe), pretrain's best checkpoint must hold source's backbone unchanged:
+    """With trainable=head (linear probe), pretrain's best checkpoint must hold source's backbone unchanged:
     this proves both that pretrain was initialised from source's best and that freezing works."""
     cfg = tiny_cfg("recipe=lp_ft", "~stages.finetune", "~stages.scratch", "objective=pretrain/test/acc")
     run(cfg)

@@ -22,7 +22,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if datamodule.num_classes != hparams["num_classes"]:
         raise UserError(f"{cfg.ckpt} classifies {hparams['num_classes']} classes but data.{cfg.task} has "
                         f"{datamodule.num_classes}: pick the task (task=source|target) and data it was trained on.")
-    module = ClassifierModule(**hparams)
+    module = ClassifierModule.from_hparams(hparams)
     module.load_state_dict(checkpoint["state_dict"])
     trainer = make_trainer(cfg, logger=False, default_root_dir=cfg.paths.run_dir)
     [metrics] = trainer.test(module, datamodule=datamodule, verbose=False)

@@ -1,4 +1,4 @@
-"""ClassifierModule: backbone + linear head, cross-entropy, torchmetrics, optimizer built from config."""
+"""ClassifierModule: backbone + linear head, cross-entropy, torchmetrics, and the stage's fine-tuning methods."""
 
 import lightning as L
 import torch
@@ -6,51 +6,105 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
-from transferlab.errors import UserError
+from transferlab import regularizers
+from transferlab.finetuning import BlockFreezing, model_blocks, resolve_trainable
+from transferlab.methods import DEFAULTS
 from transferlab.models import build_backbone
+from transferlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-SCHEDULERS = ("none", "cosine", "step")  # see build_scheduler
+__all__ = ["OPTIMIZERS", "ClassifierModule"]
 
 
 class ClassifierModule(L.LightningModule):
     """One stage's model. Hyperparameters are plain containers so checkpoints load with weights_only=True.
 
-    `train="head"` freezes the backbone (linear probing, the first half of LP-FT): it gets no gradients,
-    stays in eval mode, and the optimizer only sees the head.
+    The fine-tuning options (`transferlab.methods.DEFAULTS`, all off by default): `trainable` blocks (the others
+    are frozen: no gradients, eval mode, not in the optimizer; `head` is linear probing) and `unfreeze_every`
+    (transferlab.finetuning); `backbone_lr_mult`, `layer_decay`, `decay_norm_bias` (param groups,
+    transferlab.optim); `label_smoothing`; `l2sp` and `bss` (transferlab.regularizers).
     """
 
-    def __init__(self, model: dict, num_classes: int, optimizer: dict, scheduler: dict | None = None,
-                 train: str = "all"):
+    def __init__(
+        self,
+        model: dict,
+        num_classes: int,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        trainable=DEFAULTS["trainable"],
+        unfreeze_every: int = 0,
+        backbone_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        decay_norm_bias: bool = True,
+        label_smoothing: float = 0.0,
+        l2sp: dict | None = None,
+        bss: dict | None = None,
+    ):
         super().__init__()
-        if train not in ("all", "head"):
-            raise UserError(f"train={train!r} is not valid: use 'all' (whole model) or 'head' (frozen backbone).")
         self.save_hyperparameters()
         self.backbone, features = build_backbone(**model)
         self.head = nn.Linear(features, num_classes)
-        if train == "head":
-            self.backbone.requires_grad_(False)
+        self.blocks = model_blocks(self.backbone, self.head, model["name"])
+        self.trainable = resolve_trainable(trainable, model["name"])
+        for name, modules in self.blocks.items():
+            if name not in self.trainable:
+                for module in modules:
+                    module.requires_grad_(False)
+        self.l2sp = {**DEFAULTS["l2sp"], **(l2sp or {})}
+        self.bss = {**DEFAULTS["bss"], **(bss or {})}
+        self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-        })
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "auroc": MulticlassAUROC(num_classes, average="macro"),
+            }
+        )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "ClassifierModule":
+        """The module a checkpoint's hyperparameters describe (`train`, the name before `trainable`, accepted)."""
+        hparams = dict(hparams)
+        if "train" in hparams:
+            hparams["trainable"] = hparams.pop("train")
+        return cls(**hparams)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def on_train_epoch_start(self) -> None:
-        if self.hparams.train == "head":
-            self.backbone.eval()  # keep BatchNorm statistics of a frozen backbone fixed
+    def configure_callbacks(self):
+        frozen = len(self.trainable) < len(self.blocks) or self.hparams.unfreeze_every
+        return [BlockFreezing(self.blocks, self.trainable, self.hparams.unfreeze_every)] if frozen else []
+
+    def on_train_start(self) -> None:
+        if self.l2sp["alpha"]:  # a resumed stage has its w0 from the checkpoint already
+            w0 = self.w0 or regularizers.starting_point(self.backbone)
+            self.w0 = {name: w.to(self.device) for name, w in w0.items()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.w0 is not None:
+            checkpoint["l2sp_w0"] = self.w0
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "l2sp_w0" in checkpoint:
+            self.w0 = checkpoint["l2sp_w0"]
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        features = self.backbone(x)
+        logits = self.head(features)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if self.l2sp["alpha"] or self.l2sp["beta"]:
+            term = regularizers.l2sp(self.backbone, self.head, self.w0 or {}, **self.l2sp)
+            self.log("train/l2sp", term, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + term
+        if self.bss["weight"]:
+            term = self.bss["weight"] * regularizers.bss(features, self.bss["k"])
+            self.log("train/bss", term, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + term
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -70,24 +124,10 @@ class ClassifierModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self):
-        opt_cfg = dict(self.hparams.optimizer)
-        name = opt_cfg.pop("name", "sgd")  # name and lr are checked by transferlab.validation before training
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = OPTIMIZERS[name](params, **opt_cfg)
-        max_epochs = self._trainer.max_epochs if self._trainer else 1
-        scheduler = build_scheduler(optimizer, dict(self.hparams.scheduler or {}), max_epochs)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-def build_scheduler(optimizer, cfg: dict, max_epochs: int):
-    """none | cosine (to zero over the stage's epochs) | step (step_size, gamma); stepped once per epoch."""
-    name = cfg.pop("name", "none")
-    if name == "none":
-        return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), **cfg)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, **cfg)
-    raise UserError(f"Unknown scheduler.name={name!r}; available: {', '.join(SCHEDULERS)}.")
+        hp = self.hparams
+        groups = param_groups(
+            self.blocks, hp.optimizer.get("lr", 0), hp.backbone_lr_mult, hp.layer_decay, hp.decay_norm_bias
+        )
+        optimizer = build_optimizer(groups, hp.optimizer)
+        scheduler = build_scheduler(optimizer, dict(hp.scheduler or {}), self._trainer)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer

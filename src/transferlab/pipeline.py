@@ -19,7 +19,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import attempts, provenance, report, validation
+from transferlab import attempts, methods, provenance, report, validation
 from transferlab.callbacks import check_losses
 from transferlab.checkpoint_io import check_resumable
 from transferlab.errors import UserError, user_message
@@ -178,7 +178,8 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
         optimizer["lr"] *= datamodule.batch_size * trainer.world_size / cfg.reference_batch_size
     module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True),
                               num_classes=datamodule.num_classes, optimizer=optimizer,
-                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True), train=stage.train)
+                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True),
+                              **methods.options(stage))
     last = stage_dir / "checkpoints" / "last.ckpt"
     for partial in (stage_dir / "checkpoints").glob("*.tmp"):  # a write cut short by a kill: never loaded
         log.info("Stage %s: removing %s, a checkpoint write that did not finish", name, partial)

@@ -18,13 +18,14 @@ from transferlab import CONF_DIR
 from transferlab.data.splits import check_settings
 from transferlab.errors import UserError
 from transferlab.models import BACKBONES, INPUT_SIZES
-from transferlab.module import OPTIMIZERS, SCHEDULERS
+from transferlab import methods
+from transferlab.optim import OPTIMIZERS
 from transferlab.report import METRICS
 
 # Old names -> new ones. Each old name stays in conf/ as a null placeholder (or, for a group option, a file that
 # sets `refused_option`) so that using it is refused with a message naming the new name.
 RENAMED = {"recipe=seed": "recipe=mission", "trainer.max_epochs": "trainer.max_epochs_per_stage",
-           "ckpt": "result_ckpt"}  # the last one: stages.<stage>.ckpt
+           "ckpt": "result_ckpt", "train": "trainable"}  # the last two: stages.<stage>.<key>
 STAGE_SCHEMA = Path(CONF_DIR) / "stage" / "default.yaml"  # the default stage: its keys are a stage's keys
 INIT_HEADS = ("new", "keep")
 
@@ -159,7 +160,7 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         if key in stage.optimizer:
             number(f"{at}.optimizer.{key}", stage.optimizer[key], 0, float("inf"))
     _mapping(f"{at}.scheduler", stage.scheduler)
-    choice(f"{at}.scheduler.name", stage.scheduler.get("name", "none"), SCHEDULERS)
+    methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
 
 
 def check_gain(cfg: DictConfig) -> None:
