@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from hydra.experimental.callback import Callback
 
 from transferlab.errors import UserError
 from transferlab.fileio import atomic_write
@@ -190,6 +191,25 @@ def _fmt(value) -> str:
     if value is None:
         return ""
     return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+
+
+class ReportAtEnd(Callback):
+    """`hydra.callbacks.report` in a sweep's config (see conf/experiment/lowdata_study.yaml): once every job
+    has run, write and print the sweep's report, as `transferlab-report <sweep folder>` would."""
+
+    def __init__(self, metrics: list[str] | None = None, x: str | None = None, line: str | None = None):
+        self.metrics, self.x, self.line = metrics, x, line
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            rows = collect(sweep_dir)
+            x, line = (k if k in swept_keys(rows) else None for k in (self.x, self.line))  # a narrowed sweep
+            write(sweep_dir, rows, list(self.metrics or []) or None, x, line)
+        except UserError as err:  # the jobs' results stay; the report can be made again with transferlab-report
+            print(f"transferlab-report: error: {err}", file=sys.stderr)
+            return
+        print((sweep_dir / "report.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
