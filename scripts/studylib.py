@@ -11,8 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "outputs" / "bench"
+sys.path.insert(0, str(REPO / "src"))  # this checkout's transferlab, installed or not
 SHARED_DATA = Path(os.environ.get("TRANSFERLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
-BIN = Path(sys.executable).parent
 
 
 def cifar_root(root: str | None) -> Path:
@@ -26,8 +26,8 @@ def cifar_root(root: str | None) -> Path:
 
 
 def split_data(root: Path) -> list[str]:
-    """The CIFAR-10 class split (`data=cifar10_split`: 5 classes as source, the other 5 as the target)."""
-    return ["data=cifar10_split", f"data.source.root={root}", f"data.target.root={root}"]
+    """The CIFAR-10 class split (`data=cifar10_split`: classes 0-4 as the source, 5-9 as the target)."""
+    return ["data=cifar10_split", f"data.root={root}"]
 
 
 def recipe(name: str) -> str:
@@ -41,21 +41,23 @@ def has_config(group: str, name: str) -> bool:
     return (REPO / "conf" / group / f"{name}.yaml").is_file()
 
 
-def transferlab(*args: str, log: Path | None = None, entry: str = "transferlab") -> tuple[int, float]:
-    """Run a console script as a user would; its output goes to `log` (or the terminal). -> (rc, seconds)."""
-    command = [str(BIN / entry), *args]
-    print("+", " ".join(command[1:]) if entry == "transferlab" else " ".join(command), flush=True)
+def transferlab(*args: str, log: Path | None = None, module: str = "transferlab.cli") -> tuple[int, float]:
+    """Run `transferlab` (or `module`, e.g. transferlab.rank) in a new process, this checkout's code, as a user
+    runs the console script; its output goes to `log` (or the terminal). -> (exit code, seconds)."""
+    command = [sys.executable, "-m", module, *args]
+    print("+", module.replace("transferlab.cli", "transferlab"), " ".join(args), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     start = time.time()
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") if log else open(os.devnull, "w") as out:
-        proc = subprocess.run(command, cwd=REPO, stdout=out if log else None, stderr=subprocess.STDOUT if log else None)
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=out if log else None,
+                              stderr=subprocess.STDOUT if log else None)
     return proc.returncode, round(time.time() - start, 1)
 
 
 def environment() -> dict:
     """Machine, versions and code: where the numbers come from (as each run's manifest records them)."""
-    sys.path.insert(0, str(REPO / "src"))
     from transferlab import provenance
     info = provenance.collect()
     info["load_average_at_start"] = os.getloadavg()
