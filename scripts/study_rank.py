@@ -27,7 +27,7 @@ CANDIDATES = {
     "src_10pct_data": (["data.source.label_fraction=0.1"], (10, 3)),
     "src_vehicles_2cls": (["data.source.classes=[airplane,automobile]"], (10, 3)),
     "src_animals_3cls": (["data.source.classes=[bird,cat,deer]"], (10, 3)),
-    "random_1step": (["+trainer.limit_train_batches=1"], (1, 1)),
+    "random_1step": (["trainer.limit_train_batches=1"], (1, 1)),
 }
 SCORES = ("logme", "leep", "nce", "hscore")
 
