@@ -131,7 +131,7 @@ def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x
     _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
     shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
     text = [f"# Sweep {sweep_dir}", "", f"## Mean ± standard deviation over `{OVER}` (n = jobs with a value)", "",
-            _markdown([*keys, "jobs", "failed", *metrics],
+            _markdown([*keys, "jobs", "failed jobs", *metrics],
                       [[*c["values"].values(), c["jobs"], c["failed"], *(_cell(c, m) for m in metrics)]
                        for c in cells]),
             "", "## Jobs", "",
