@@ -137,3 +137,18 @@ def test_matplotlib_is_imported_only_when_a_plot_is_drawn(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "False"]
     assert "0.5500 ± 0.0707 (n=2)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_sweep_callback_writes_the_report_even_for_a_narrowed_sweep(tmp_path, capsys):
+    """experiment=lowdata_study ends with ReportAtEnd; a sweep that fixes the recipe has no `recipe` line key."""
+    from omegaconf import OmegaConf
+
+    from transferlab.sweep_report import ReportAtEnd
+    for seed in range(2):
+        for size in (10, 100):
+            make_job(tmp_path, 2 * seed + (size == 100), ["recipe=mission", f"data.target.samples_per_class={size}",
+                                                          f"seed={seed}"], {"gain/acc": 0.1 * (seed + 1)})
+    ReportAtEnd(x="data.target.samples_per_class", line="recipe").on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "| 10 | 2 | 0 | 0.1500 ± 0.0707 (n=2) |" in capsys.readouterr().out
+    assert (tmp_path / "gain_acc_vs_data.target.samples_per_class.png").read_bytes()[:8] == PNG
