@@ -46,7 +46,8 @@ def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_p
     assert len(rows) == 5 and all(r.split(",")[1] == "done" for r in rows[1:])
     assert {tuple(r.split(",")[2:4]) for r in rows[1:]} == {("0", "0.01"), ("0", "0.001"), ("1", "0.01"),
                                                             ("1", "0.001")}
-    for name in ("objective_vs_seed.png", "objective_vs_stages.finetune.optimizer.lr.png"):
+    for name in ("finetune_test_acc_vs_stages.finetune.optimizer.lr.png",  # mean ± std over the two seeds
+                 "source_test_acc_vs_stages.finetune.optimizer.lr.png"):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| job | status | seed |" in proc.stdout
 

@@ -1,85 +1,190 @@
-"""`transferlab-report <sweep folder>`: one table (markdown and CSV) of every job's swept values and
-metrics, and a plot of the objective against each swept parameter."""
+"""`transferlab-report <sweep folder>`: the jobs of a sweep, one row each, and the same jobs grouped by
+everything but `seed` (mean, sample standard deviation and n per cell and metric, failed jobs counted),
+with a plot of a metric against one swept key, one line per value of another, error bars over the seeds.
+Markdown (report.md), CSV (report.csv, report_cells.csv) and PNG."""
 
 import argparse
 import csv
+import io
 import json
 import math
+import statistics
+import sys
 from pathlib import Path
 
 import yaml
+from hydra.experimental.callback import Callback
+
+from transferlab.errors import UserError
+from transferlab.fileio import atomic_write
+
+OVER = "seed"  # jobs that differ only in this key are repetitions of one cell
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job folder (a folder with .hydra/overrides.yaml): its overrides, objective, metrics."""
-    rows = []
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_key(p.parents[1])):
-        job = overrides_file.parents[1]
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [] if "=" in o)
-        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        results = job / "results.json"
-        metrics = json.loads(results.read_text()) if results.is_file() else {}
-        objective = metrics.get(config.get("objective"), float("nan"))
-        rows.append({"job": job.name, "status": "done" if metrics else "failed", "overrides": overrides,
-                     "objective": objective, "metrics": metrics})
-    return rows
+    """One row per job folder: its overrides, status, objective and metrics.
+
+    A job folder is a sub-folder named by its job number or holding `.hydra/`; one without its
+    `.hydra/config.yaml` or `.hydra/overrides.yaml` is an error that names it."""
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir} is not a folder: give the folder of a `transferlab -m ...` sweep "
+                        "(e.g. outputs/multirun/<date_time>).")
+    if (sweep_dir / ".hydra").is_dir():
+        raise UserError(f"{sweep_dir} is a single run's folder (its table is {sweep_dir / 'results.md'}): give the "
+                        "folder of a sweep, which holds one such folder per job.")
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and (p.name.isdigit() or (p / ".hydra").exists())]
+    if not jobs:
+        raise UserError(f"no job folders under {sweep_dir} (sub-folders holding .hydra/config.yaml and "
+                        ".hydra/overrides.yaml): give the folder of a `transferlab -m ...` sweep.")
+    return [_job_row(job) for job in sorted(jobs, key=_job_key)]
+
+
+def _job_row(job: Path) -> dict:
+    config, overrides = (_read_yaml(job, name) for name in ("config.yaml", "overrides.yaml"))
+    if not isinstance(config, dict) or not isinstance(overrides, list | type(None)):
+        raise UserError(f"{job / '.hydra'}: config.yaml must hold a mapping and overrides.yaml a list, as Hydra "
+                        "writes them; this folder was not written by a transferlab sweep, move it out of the sweep.")
+    pairs = (str(o).split("=", 1) for o in overrides or [] if "=" in str(o))
+    metrics = _read_json(job / "results.json") or {}
+    manifest = _read_json(job / "manifest.json") or {}
+    failed = [f"{name}: {s.get('reason', 'failed')}" for name, s in manifest.get("stages", {}).items()
+              if s.get("status") == "failed"]
+    return {"job": job.name, "status": "done" if metrics else "failed", "reason": "; ".join(failed),
+            "overrides": {k.lstrip("+"): v for k, v in pairs},
+            "objective": metrics.get(config.get("objective"), math.nan), "metrics": metrics}
+
+
+def _read_yaml(job: Path, name: str):
+    path = job / ".hydra" / name
+    if not path.is_file():
+        raise UserError(f"job folder {job} has no .hydra/{name}: every job of a sweep holds the config.yaml and "
+                        "overrides.yaml Hydra writes; move a folder that is not a job out of the sweep, or re-run it.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}): re-run that job or move it out of the "
+                        "sweep.") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None  # an unfinished job: shown as failed
+    return data if isinstance(data, dict) else None
 
 
 def _job_key(job: Path):
-    return (0, int(job.name)) if job.name.isdigit() else (1, job.name)
+    return (0, int(job.name), "") if job.name.isdigit() else (1, 0, job.name)
 
 
-def write(sweep_dir: Path, rows: list[dict]) -> list[Path]:
-    swept = sorted(k for k in {k for r in rows for k in r["overrides"]}  # keys whose value differs by job
-                   if len({r["overrides"].get(k) for r in rows}) > 1)
-    metric_names = sorted({k for r in rows for k in r["metrics"]})
-    header = ["job", "status", *swept, "objective", *metric_names]
-    table = [[r["job"], r["status"], *[r["overrides"].get(k, "") for k in swept], _fmt(r["objective"]),
-              *[_fmt(r["metrics"].get(m)) for m in metric_names]] for r in rows]
-    with open(sweep_dir / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *table])
-    shown = [i for i, name in enumerate(header) if i < 3 + len(swept) or name.endswith("/acc")]  # md: accuracies
-    lines = ["| " + " | ".join(header[i] for i in shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(str(row[i]) for i in shown) + " |" for row in table]
-    (sweep_dir / "report.md").write_text(f"# Sweep {sweep_dir}\n\n" + "\n".join(lines) + "\n")
-    return [sweep_dir / "report.md", sweep_dir / "report.csv", *plot(sweep_dir, rows, swept)]
+def swept_keys(rows: list[dict]) -> list[str]:
+    """Override keys whose value differs between jobs, sorted."""
+    keys = {k for r in rows for k in r["overrides"]}
+    return sorted(k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1)
 
 
-def plot(sweep_dir: Path, rows: list[dict], swept: list[str]) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for name in swept:
-        points = [(r["overrides"][name], r["objective"]) for r in rows
-                  if name in r["overrides"] and not math.isnan(r["objective"])]
-        if not points:
-            continue
-        xs = [_number(x) for x, _ in points]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        if all(isinstance(x, float) for x in xs):
-            ax.scatter(xs, [y for _, y in points])
-            if min(xs) > 0 and max(xs) / min(xs) >= 100:
-                ax.set_xscale("log")
-        else:
-            ax.scatter([str(x) for x, _ in points], [y for _, y in points])
-        ax.set_xlabel(name)
-        ax.set_ylabel("objective")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = sweep_dir / f"objective_vs_{name.replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Group jobs by their values of `keys` (every swept key but `seed`): per metric the mean, sample standard
+    deviation (ddof=1, NaN for n < 2) and n, the number of jobs with a finite value; `jobs` and `failed`
+    count the cell's jobs, so a cell of 3 jobs with one failure says n=2 of 3."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(tuple(row["overrides"].get(k, "") for k in keys), []).append(row)
+    names = sorted({m for r in rows for m in r["metrics"]})
+    out = []
+    for values, members in cells.items():
+        stats = {}
+        for name in names:
+            xs = [float(v) for r in members if isinstance(v := r["metrics"].get(name), int | float)
+                  and math.isfinite(v)]
+            stats[name] = {"mean": statistics.fmean(xs) if xs else math.nan,
+                           "std": statistics.stdev(xs) if len(xs) > 1 else math.nan, "n": len(xs)}
+        out.append({"values": dict(zip(keys, values)), "jobs": len(members),
+                    "failed": sum(r["status"] != "done" for r in members),
+                    "seeds": [r["overrides"].get(OVER, "") for r in members], "stats": stats})
+    return out
 
 
-def _number(value: str):
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def default_metrics(rows: list[dict]) -> list[str]:
+    """The transfer gain and each stage's test accuracy, where the jobs have them."""
+    names = {m for r in rows for m in r["metrics"]}
+    return [m for m in ["gain/acc", *sorted(n for n in names if n.endswith("/test/acc"))] if m in names]
+
+
+def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x: str | None = None,
+          line: str | None = None) -> list[Path]:
+    """report.md (cells, then jobs), report.csv (jobs), report_cells.csv (cells) and one PNG per metric."""
+    swept = swept_keys(rows)
+    keys = [k for k in swept if k != OVER]
+    metrics = metrics or default_metrics(rows)
+    unknown = [m for m in metrics if not any(m in r["metrics"] for r in rows)]
+    if unknown:
+        known = sorted({m for r in rows for m in r["metrics"]})
+        raise UserError(f"metric(s) {', '.join(unknown)} are in no job's results.json; available: "
+                        f"{', '.join(known) or 'none (every job failed)'}.")
+    cells = aggregate(rows, keys)
+    job_header, job_table = _job_table(rows, swept)
+    cell_header, cell_table = _cell_table(cells, keys, sorted({m for r in rows for m in r["metrics"]}))
+    _write_csv(sweep_dir / "report.csv", job_header, job_table)
+    _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
+    shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
+    text = [f"# Sweep {sweep_dir}", "", f"## Mean ± standard deviation over `{OVER}` (n = jobs with a value)", "",
+            _markdown([*keys, "jobs", "failed jobs", *metrics],
+                      [[*c["values"].values(), c["jobs"], c["failed"], *(_cell(c, m) for m in metrics)]
+                       for c in cells]),
+            "", "## Jobs", "",
+            _markdown([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table])]
+    failures = [f"- job {r['job']}: {r['reason'] or 'no results.json (failed, or not finished)'}"
+                for r in rows if r["status"] != "done"]
+    if failures:
+        text += ["", "## Failed jobs", "", *failures]
+    atomic_write(sweep_dir / "report.md", "\n".join(text) + "\n")
+    plots = []
+    if keys:
+        x = x or ("data.target.samples_per_class" if "data.target.samples_per_class" in keys else keys[0])
+        line = line or next((k for k in keys if k != x), None)
+        for key, what in ((x, "--x"), (line, "--line")):
+            if key is not None and key not in keys:
+                raise UserError(f"{what} {key}: not a key this sweep varies; swept keys: {', '.join(keys)}.")
+        from transferlab.sweep_plot import plot  # matplotlib only when a plot is drawn
+        plots = [plot(sweep_dir, cells, m, x, line) for m in metrics]
+    return [sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "report_cells.csv", *plots]
+
+
+def _job_table(rows: list[dict], swept: list[str]) -> tuple[list[str], list[list]]:
+    names = sorted({k for r in rows for k in r["metrics"]})
+    header = ["job", "status", *swept, "objective", *names]
+    return header, [[r["job"], r["status"], *[r["overrides"].get(k, "") for k in swept], _fmt(r["objective"]),
+                     *[_fmt(r["metrics"].get(m)) for m in names]] for r in rows]
+
+
+def _cell_table(cells: list[dict], keys: list[str], names: list[str]) -> tuple[list[str], list[list]]:
+    header = [*keys, "jobs", "failed", OVER + "s", *[f"{m} {s}" for m in names for s in ("mean", "std", "n")]]
+    return header, [[*c["values"].values(), c["jobs"], c["failed"], " ".join(c["seeds"]),
+                     *[v for m in names for v in (_fmt(c["stats"][m]["mean"]), _fmt(c["stats"][m]["std"]),
+                                                  c["stats"][m]["n"])]] for c in cells]
+
+
+def _cell(cell: dict, metric: str) -> str:
+    s = cell["stats"][metric]
+    if s["n"] == 0:
+        return f"— (n=0 of {cell['jobs']})"
+    spread = "" if s["n"] < 2 else f" ± {s['std']:.4f}"
+    missing = "" if s["n"] == cell["jobs"] else f" of {cell['jobs']}, failed={cell['failed']}"
+    return f"{s['mean']:.4f}{spread} (n={s['n']}{missing})"
+
+
+def _markdown(header: list, table: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in table])
+
+
+def _write_csv(path: Path, header: list, table: list[list]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *table])
+    atomic_write(path, buffer.getvalue())
 
 
 def _fmt(value) -> str:
@@ -88,15 +193,41 @@ def _fmt(value) -> str:
     return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
+class ReportAtEnd(Callback):
+    """`hydra.callbacks.report` in a sweep's config (see conf/experiment/lowdata_study.yaml): once every job
+    has run, write and print the sweep's report, as `transferlab-report <sweep folder>` would."""
+
+    def __init__(self, metrics: list[str] | None = None, x: str | None = None, line: str | None = None):
+        self.metrics, self.x, self.line = metrics, x, line
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            rows = collect(sweep_dir)
+            x, line = (k if k in swept_keys(rows) else None for k in (self.x, self.line))  # a narrowed sweep
+            write(sweep_dir, rows, list(self.metrics or []) or None, x, line)
+        except UserError as err:  # the jobs' results stay; the report can be made again with transferlab-report
+            print(f"transferlab-report: error: {err}", file=sys.stderr)
+            return
+        print((sweep_dir / "report.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date_time>")
+    parser.add_argument("--metrics", nargs="+", help="metrics to tabulate and plot (keys of results.json); "
+                        "default: gain/acc and each <stage>/test/acc")
+    parser.add_argument("--x", help="swept key on the plots' x axis (default data.target.samples_per_class "
+                        "when swept, else the first swept key); log scale when numeric and spanning >= 10x")
+    parser.add_argument("--line", help="swept key drawn as one line per value (default: the next swept key)")
     args = parser.parse_args(argv)
-    rows = collect(args.sweep_dir)
-    if not rows:
-        parser.error(f"no job folders (with .hydra/overrides.yaml) under {args.sweep_dir}: "
-                     "give the folder of a `transferlab -m ...` sweep")
-    for path in write(args.sweep_dir, rows):
+    try:
+        rows = collect(args.sweep_dir)
+        paths = write(args.sweep_dir, rows, args.metrics, args.x, args.line)
+    except UserError as err:
+        print(f"transferlab-report: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for path in paths:
         print(path)
     print((args.sweep_dir / "report.md").read_text())
 
