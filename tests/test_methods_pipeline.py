@@ -11,7 +11,8 @@ from conftest import REPO, TINY, compose_config, run_cli
 from transferlab import methods
 from transferlab.errors import UserError
 from transferlab.module import ClassifierModule
-from transferlab.pipeline import run, validate
+from transferlab.pipeline import run
+from transferlab.validation import validate
 from transferlab.transfer import load_checkpoint
 
 CONVNET = {"name": "convnet"}
