@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab import __version__, provenance, report
 from transferlab.cache import NoCache, StageCache
-from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
+from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable, verify_checkpoint
 from transferlab.errors import UserError, user_message
+from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.module import OPTIMIZERS, ClassifierModule
 from transferlab.transfer import init_from_checkpoint
 
@@ -68,9 +69,9 @@ def run(cfg: DictConfig) -> dict:
         datamodule = lambda task=stage.task: data.pop(task, None) or build(cfg.data[task])
         try:
             entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, datamodule, cache, hashes[name])
-        except Exception as err:
+        except (Exception, *INTERRUPTIONS) as err:  # a signal marks the stage `interrupted`, an error `failed`
             last = run_dir / name / "checkpoints" / "last.ckpt"
-            manifest["stages"][name] = {"status": "failed", "reason": f"{type(err).__name__}: {user_message(err)}",
+            manifest["stages"][name] = {"status": outcome(err, name), "reason": f"{type(err).__name__}: {user_message(err)}",
                                         "last_ckpt": os.path.relpath(last, run_dir) if last.is_file() else None,
                                         "config_hash": hashes[name], "provenance": manifest["provenance"]}
             write_json_atomic(manifest_path, manifest)
@@ -124,6 +125,7 @@ def given_checkpoint(name: str, stage: DictConfig) -> dict:
     if not path.is_file():
         raise UserError(f"stages.{name}.ckpt={stage.ckpt} does not exist: give the path of a .ckpt file "
                         "(e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
+    verify_checkpoint(path, "init")  # a bad file is refused before the stage is marked done
     log.info("Stage %s: using the given checkpoint %s", name, path)
     return {"status": "done", "task": stage.task, "init": None, "best_ckpt": str(path), "last_ckpt": None,
             "given_ckpt": True, "test": {}, "wall_time_s": 0.0}
