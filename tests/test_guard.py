@@ -166,10 +166,10 @@ def test_last_checkpoint_that_would_run_code_is_refused_and_never_runs(interrupt
     env = {**ENV, "TRANSFERLAB_TEST_MARKER": str(proof), **({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"} if forced else {})}
     spoil = lambda p: torch.save({"state_dict": {}, "payload": RunsCode()}, p)
     run_dir, last, proc = resume_with(interrupted, tmp_path, spoil, env=env)
+    assert not proof.exists()
     line = error_line(proc, 2)
     assert f"Refused to load {last}" in line and "loading it would run code from the file" in line
     assert "posix.system" in line and "Delete it (the stage then starts over)" in line
-    assert not proof.exists()
     subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(last)!r}, weights_only=False)"], env=env,
                    check=True, cwd=TESTS)
     assert proof.exists()  # the file does run code when unpickled in full

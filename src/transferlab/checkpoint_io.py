@@ -86,8 +86,7 @@ def verify_checkpoint(path: str | Path, use: str = "init") -> None:
     if not head:
         problem = "is empty (0 bytes): a write that did not happen"
     elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # a zip archive, or a legacy torch.save pickle
-        problem = (f"is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive): is it "
-                   "the file you meant?")
+        problem = f"is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive)"
     if problem:
         raise UserError(f"{lead}{subject} {problem}. {fix}")
     try:

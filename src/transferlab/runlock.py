@@ -36,9 +36,6 @@ def hold(run_dir: str | Path):
         raise UserError(f"{run_dir} is in use by another transferlab run ({_describe(run_dir / OWNER)}). One run "
                         "writes into a folder at a time: wait for it to end (or stop it), or run into another folder "
                         "(hydra.run.dir=...).") from None
-    except OSError as err:
-        raise UserError(f"Cannot use {run_dir} as the run folder ({err.strerror}: {err.filename}): give a "
-                        "writable folder with hydra.run.dir=... (or paths.output_root=...).") from None
     owner = run_dir / OWNER
     try:
         write_json_atomic(owner, {"host": socket.gethostname(), "pid": os.getpid(),
