@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
-from conftest import REPO, TINY, run_cli
 from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
 
@@ -82,7 +82,8 @@ def test_sigterm_and_sigint_stop_with_143_and_130_mark_the_stage_interrupted_and
         assert not (run_dir / ".transferlab.owner.json").exists()
     done = cli("transferlab", *SOURCE_ONLY, f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Stage source: resuming from {run_dir / 'source' / 'checkpoints' / 'last.ckpt'}" in done.stdout + done.stderr
+    last = run_dir / "source" / "checkpoints" / "last.ckpt"
+    assert f"Stage source: resuming from {last}" in done.stdout + done.stderr
     source = stages(run_dir)["source"]
     assert source["status"] == "done" and source["epochs"] == 2 and source["test"]["acc"] > 0
 
@@ -163,7 +164,7 @@ def test_last_checkpoint_that_would_run_code_is_refused_and_never_runs(interrupt
     """torch.load's default is weights_only=True, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (which torch's own
     error message suggests, to load old checkpoints): then Lightning's resume ran the payload."""
     proof = tmp_path / "proof"
-    env = {**ENV, "TRANSFERLAB_TEST_MARKER": str(proof), **({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"} if forced else {})}
+    env = {**ENV, "TRANSFERLAB_TEST_MARKER": str(proof)} | ({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"} if forced else {})
     spoil = lambda p: torch.save({"state_dict": {}, "payload": RunsCode()}, p)
     run_dir, last, proc = resume_with(interrupted, tmp_path, spoil, env=env)
     assert not proof.exists()

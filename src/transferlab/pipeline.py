@@ -71,7 +71,8 @@ def run(cfg: DictConfig) -> dict:
             entry = obtain_stage(cfg, name, stage, manifest["stages"], run_dir, datamodule, cache, hashes[name])
         except (Exception, *INTERRUPTIONS) as err:  # a signal marks the stage `interrupted`, an error `failed`
             last = run_dir / name / "checkpoints" / "last.ckpt"
-            manifest["stages"][name] = {"status": outcome(err, name), "reason": f"{type(err).__name__}: {user_message(err)}",
+            manifest["stages"][name] = {"status": outcome(err, name),
+                                        "reason": f"{type(err).__name__}: {user_message(err)}",
                                         "last_ckpt": os.path.relpath(last, run_dir) if last.is_file() else None,
                                         "config_hash": hashes[name], "provenance": manifest["provenance"]}
             write_json_atomic(manifest_path, manifest)

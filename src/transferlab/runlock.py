@@ -25,7 +25,7 @@ LOCK, OWNER = ".transferlab.lock", ".transferlab.owner.json"
 @contextmanager
 def hold(run_dir: str | Path):
     """Hold `run_dir`'s lock (rank zero only) for the duration; refuse with a UserError when another run has it."""
-    if (getattr(rank_zero_only, "rank", 0) or 0) != 0:
+    if rank_zero_only.rank != 0:
         yield
         return
     run_dir = Path(run_dir)
@@ -53,4 +53,5 @@ def _describe(owner: Path) -> str:
         info = None
     if not isinstance(info, dict):
         return "its host and PID are not recorded yet"
-    return f"host {info.get('host')}, PID {info.get('pid')}, since {info.get('since')}: {' '.join(info.get('command', []))}"
+    command = " ".join(info.get("command", []))
+    return f"host {info.get('host')}, PID {info.get('pid')}, since {info.get('since')}: {command}"
