@@ -84,7 +84,7 @@ def verify_checkpoint(path: str | Path, use: str = "init") -> None:
         raise UserError(f"{lead}{subject} cannot be read ({err.strerror}): check the file's permissions and that "
                         f"it is a file, as the user running transferlab. {fix}") from None
     if not head:
-        problem = "is empty (0 bytes): a write that did not happen"
+        problem = "is empty (0 bytes)"
     elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # a zip archive, or a legacy torch.save pickle
         problem = f"is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive)"
     if problem:

@@ -33,9 +33,13 @@ class Interrupted(BaseException):
 INTERRUPTIONS = (Interrupted, SIGTERMException, KeyboardInterrupt)
 
 
+_received: list[int] = []
+
+
 def _raise(signum, frame):
-    for s in SIGNALS:  # a second signal must not cut the shutdown short (the manifest write)
-        signal.signal(s, signal.SIG_IGN)
+    if _received:  # a second signal must not cut the shutdown short (the manifest write); SIGKILL still ends it
+        return
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -45,6 +49,7 @@ def stop_on_signals():
     submitit (hydra/launcher=slurm), SIGTERM and SIGUSR2 are its own, to requeue a preempted or timed-out job.
     Lightning's Trainer calls the SIGTERM handler it finds after its own, so this one works inside `fit` too."""
     previous = {}
+    _received.clear()
     if threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             current = signal.getsignal(s)
