@@ -56,3 +56,14 @@ def end(run_dir: Path, number: int, trained: list[str], error: BaseException | N
                 if (folder / name).is_file():
                     copy_file(folder / name, attempts.parent / name)
             return
+
+
+def restore_latest(run_dir: Path) -> None:
+    """A run refused at the folder's lock: Hydra has already rewritten the top-level files with the refused
+    config; put back those of the attempt that holds the folder (the latest)."""
+    numbers = [int(p.name) for p in _folder(run_dir).glob("*") if p.name.isdigit()]
+    if numbers:
+        latest = _folder(run_dir) / str(max(numbers))
+        for name in HYDRA_FILES:
+            if (latest / name).is_file():
+                copy_file(latest / name, _folder(run_dir).parent / name)

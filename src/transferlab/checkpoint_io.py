@@ -9,7 +9,9 @@ the final `os.replace` a rename on every local file system.
 import errno
 import io
 import os
+import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -38,6 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                 f"folder (hydra.run.dir=...) to resume; the checkpoints written before are intact.") from None
             raise
 
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        """Every load through a Trainer (resume, test on the best checkpoint) unpickles tensors and plain containers
+        only, also where TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would make torch.load's default run code."""
+        return super().load_checkpoint(path, *args[:1], **{**kwargs, "weights_only": True})
+
     @staticmethod
     def _write(data, path: Path) -> None:
         with open(path, "wb") as f:
@@ -47,11 +54,65 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_resumable(path: Path) -> None:
-    """A checkpoint to resume from must be a whole zip archive (torch.save's format): a truncated file
-    (copied half-way, or written by another tool that was killed) is named instead of loaded."""
+    """The stage's own `last.ckpt`, checked before Lightning resumes from it (see `verify_checkpoint`)."""
+    verify_checkpoint(path, "resume")
+
+
+FIXES = {
+    "resume": "Delete it (the stage then starts over) or restore a good copy, and re-run into the same folder.",
+    "init": "Give the path of a good copy (a .ckpt written by transferlab/Lightning, or a torch.save'd state dict).",
+    "cache": "Delete the cache entry {folder} (the stage is then trained again) and re-run.",
+}
+
+
+def verify_checkpoint(path: str | Path, use: str = "init") -> None:
+    """Check a checkpoint file before it is used (`use`: resume, init or cache, which picks the fix named): it can
+    be read, it is a PyTorch checkpoint (torch.save's zip archive, or its legacy pickle format), every zip member
+    matches the CRC-32 written with it (a few bytes changed with the length kept are caught, which torch.load does
+    not check), and it unpickles with `weights_only=True`, so loading it runs no code from the file. Raises a
+    UserError naming the file and the fix."""
+    path = Path(path)
+    fix = FIXES[use].format(folder=path.parent)
+    lead, subject = (f"Cannot resume from {path}: ", "the file") if use == "resume" else ("", str(path))
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.infolist()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"Cannot resume from {path}: the file is truncated or corrupt ({err}). Delete it (the stage "
-                        "then starts over) or restore a good copy, and re-run into the same folder.") from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+            problem = _zip_problem(f) if head == b"PK\x03\x04" else None
+    except FileNotFoundError:
+        raise UserError(f"{lead}{subject} does not exist. {fix}") from None
+    except OSError as err:
+        raise UserError(f"{lead}{subject} cannot be read ({err.strerror}): check the file's permissions and that "
+                        f"it is a file, as the user running transferlab. {fix}") from None
+    if not head:
+        problem = "is empty (0 bytes)"
+    elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # a zip archive, or a legacy torch.save pickle
+        problem = f"is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive)"
+    if problem:
+        raise UserError(f"{lead}{subject} {problem}. {fix}")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK\x03\x04")  # mmap: no tensor read
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        raise UserError(f"Refused to load {path}: it holds objects other than tensors and plain containers, "
+                        f"and loading it would run code from the file ({reason}). Nothing from it was run. Only "
+                        "checkpoints saved by transferlab/Lightning with plain hyperparameters, or plain state "
+                        "dicts, load; if you trust the file, re-save its state_dict as a plain dict. "
+                        f"{fix}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(f"{lead}{subject} is truncated or not a PyTorch checkpoint ({err}). {fix}") from None
+
+
+def _zip_problem(f) -> str | None:
+    """What is wrong with an open zip archive as a torch.save checkpoint, or None."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()):
+                return "is a zip archive but not a PyTorch checkpoint (it has no data.pkl)"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error) as err:
+        return f"is truncated or corrupt ({err})"
+    if bad:
+        return (f"is corrupt: its part {bad} does not match the CRC-32 checksum written with it, so bytes were "
+                "changed after it was saved")
+    return None

@@ -43,8 +43,11 @@ def _report_user_errors(task):
     A SLURM job (submitit) raises instead: its array runs to the end, then Hydra reports the failed job."""
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
+        from transferlab.interrupt import Interrupted  # imports Lightning: not at the CLI's import (--help)
         try:
             return task(cfg)
+        except Interrupted as stop:
+            _exit_interrupted(stop, cfg)
         except (UserError, OmegaConfBaseException) as caught:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -66,6 +69,16 @@ def _report_user_errors(task):
     return wrapped
 
 
+def _exit_interrupted(stop, cfg: DictConfig) -> None:
+    """SIGTERM/SIGINT: one line and exit 128 + signal (143, 130), also in a sweep (the rest of it is not run)."""
+    run_dir = cfg.paths.run_dir
+    where = (f"stage {stop.stage!r} is marked interrupted in {run_dir}/manifest.json" if stop.stage else
+             f"no stage was running in {run_dir}")
+    print(f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
+          "to resume.", file=sys.stderr)
+    sys.exit(stop.exit_code)
+
+
 def _failed_value(direction) -> float:
     """What a failed sweep job returns: NaN to Hydra's basic sweeper; the worst value to Optuna, which aborts
     the whole search on a NaN (optuna 2.10 raises in `study.tell`)."""
@@ -79,12 +92,15 @@ def _failed_value(direction) -> float:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_report_user_errors
 def _main(cfg: DictConfig) -> float:
+    from transferlab import runlock
+    from transferlab.interrupt import stop_on_signals
     from transferlab.pipeline import run
     from transferlab.slurm import check_slurm_tasks
     from transferlab.validation import check_objective
     check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
     check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
-    return objective(run(cfg), cfg.objective)
+    with stop_on_signals(), runlock.hold(cfg.paths.run_dir):  # SIGTERM/SIGINT stop; one writer per folder
+        return objective(run(cfg), cfg.objective)
 
 
 def main() -> None:

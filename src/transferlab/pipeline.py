@@ -29,6 +29,7 @@ from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
 from transferlab.plan import StagePlan, check_rerun, plan_stages
 from transferlab.stage_cache import NoCache, StageCache
+from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def run_stages(cfg: DictConfig, run_dir: Path, manifest: Manifest, attempt: int)
             plan = replace(plan, init=init.expanduser())
         try:
             record = obtain_stage(cfg, plan, folder, data)
-        except Exception as err:
-            manifest.record(plan.name, failed(plan, folder, err))
+        except (Exception, *INTERRUPTIONS) as err:  # a signal marks the stage `interrupted`, an error `failed`
+            manifest.record(plan.name, failed(plan, folder, err, status=outcome(err, plan.name)))
             raise
         manifest.record(plan.name, record)
     stages = {name: record.to_json() for name, record in manifest.stages.items()}
@@ -152,7 +153,8 @@ def given_checkpoint(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> Sta
     path = Path(plan.stage.result_ckpt).expanduser().resolve()
     if not path.is_file():
         raise UserError(f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} does not exist: give the path "
-                        "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the stage.")
+                        "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the "
+                        "stage.")
     module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True), num_classes=2,
                               optimizer={"name": "sgd", "lr": 1.0})
     try:

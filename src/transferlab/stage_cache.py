@@ -14,6 +14,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
 from transferlab.fileio import atomic_dir, copy_file, lock
 from transferlab.manifest import StageRecord
@@ -40,6 +41,7 @@ class StageCache:
         except ValueError as err:
             raise UserError(f"Stage cache entry {entry_dir} is damaged ({err}): delete that folder (the stage is "
                             "then trained again), or run with cache=false.") from None
+        verify_checkpoint(entry_dir / "best.ckpt", "cache")  # a damaged entry is named, never handed on
         target = run_dir / name / "checkpoints" / "best.ckpt"
         copy_file(entry_dir / "best.ckpt", target)
         return replace(record, best_ckpt=os.path.relpath(target, run_dir), last_ckpt=None, cached=True,

@@ -5,32 +5,24 @@ Lightning; initialising copies model weights from a checkpoint that may come fro
 loads with `weights_only=True` and checks that the weights fit the model.
 """
 
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents as tensors and plain containers; refuses anything that would run code."""
+    """A checkpoint's contents as tensors and plain containers, after `verify_checkpoint` (readable, a PyTorch
+    checkpoint, zip CRCs right, nothing that would run code)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist: give the path of a .ckpt file "
                         "(e.g. <run>/finetune/checkpoints/best.ckpt).")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
-        raise UserError(f"Refused to load {path}: it holds objects other than tensors and plain containers, "
-                        f"and loading it would run code from the file ({reason}). Nothing from it was run. Only "
-                        "checkpoints saved by transferlab/Lightning with plain hyperparameters, or plain state "
-                        "dicts, load; if you trust the file, re-save its state_dict as a plain dict.") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"Checkpoint {path} is truncated or not a PyTorch checkpoint ({err}).") from None
+    verify_checkpoint(path, "init")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def init_from_checkpoint(module: nn.Module, path: str | Path, new_head: bool) -> None:

@@ -1,0 +1,59 @@
+"""One writer per run folder: a second `transferlab` into a folder in use is refused at once, naming the host
+and PID of the run that holds it.
+
+The lock is a `filelock` lock (`fileio.lock`): the kernel releases it when its holder dies, so a run killed
+with SIGKILL never blocks the next one. The holder's host, PID and command are in a small owner file next to
+it, for the message. Only rank zero takes it: under DDP, Lightning's child processes and SLURM's tasks
+re-execute the CLI into the same folder (their rank comes from RANK / LOCAL_RANK / SLURM_PROCID).
+"""
+
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from transferlab import attempts
+from transferlab.errors import UserError
+from transferlab.fileio import Timeout, lock, read_json, write_json_atomic
+
+LOCK, OWNER = ".transferlab.lock", ".transferlab.owner.json"
+
+
+@contextmanager
+def hold(run_dir: str | Path):
+    """Hold `run_dir`'s lock (rank zero only) for the duration; refuse with a UserError when another run has it."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    run_dir = Path(run_dir)
+    try:
+        held = lock(run_dir / LOCK, timeout=0)
+        held.acquire()
+    except Timeout:
+        attempts.restore_latest(run_dir)  # Hydra wrote this refused run's config over the holder's
+        raise UserError(f"{run_dir} is in use by another transferlab run ({_describe(run_dir / OWNER)}). One run "
+                        "writes into a folder at a time: wait for it to end (or stop it), or run into another folder "
+                        "(hydra.run.dir=...).") from None
+    owner = run_dir / OWNER
+    try:
+        write_json_atomic(owner, {"host": socket.gethostname(), "pid": os.getpid(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        held.release()
+
+
+def _describe(owner: Path) -> str:
+    try:
+        info = read_json(owner)
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        return "its host and PID are not recorded yet"
+    command = " ".join(info.get("command", []))
+    return f"host {info.get('host')}, PID {info.get('pid')}, since {info.get('since')}: {command}"
