@@ -89,8 +89,10 @@ def _failed_value(direction) -> float:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_report_user_errors
 def _main(cfg: DictConfig) -> float:
+    from transferlab import console
     from transferlab.pipeline import run
     from transferlab.slurm import check_slurm_tasks
+    console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
     return objective(run(cfg), cfg.objective)
 
@@ -107,7 +109,9 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 @_report_user_errors
 def evaluate(cfg: DictConfig) -> dict:
+    from transferlab import console
     from transferlab.evaluate import evaluate_checkpoint
+    console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     return evaluate_checkpoint(cfg)
 
 

@@ -22,7 +22,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import __version__, provenance, report
+from transferlab import __version__, console, provenance, report
 from transferlab.cache import NoCache, StageCache
 from transferlab.checkpoint_io import AtomicCheckpointIO, check_resumable
 from transferlab.errors import UserError, user_message
@@ -134,7 +134,7 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
     and test it."""
     stage_dir = run_dir / name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    callbacks = [build(c) for c in cfg.callbacks.values()]
+    callbacks = [build(c) for c in cfg.callbacks.values()] + console.progress_bars(cfg, name)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
     trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
@@ -156,8 +156,9 @@ def run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict, run_dir
     elif stage.init or stage.get("init_ckpt"):
         # the init stage's best checkpoint (relative to the run, or absolute when given), or a user's file
         source = run_dir / done[stage.init]["best_ckpt"] if stage.init else Path(stage.init_ckpt).expanduser()
-        log.info("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
+        log.debug("Stage %s: initialised from %s (%s head)", name, source, stage.init_head)
         init_from_checkpoint(module, source, new_head=stage.init_head == "new")
+    log.info("%s", console.stage_header(cfg, name, datamodule, trainer, optimizer, resume, done))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     best = checkpoint.best_model_path
