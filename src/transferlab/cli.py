@@ -15,9 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from transferlab.errors import UserError, user_message
+from transferlab.speed import resolve_precision
 
 log = logging.getLogger("transferlab")
 OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
+OmegaConf.register_new_resolver("resolve_precision", resolve_precision, replace=True)  # precision=auto
 
 
 def _conf_dir() -> str:
