@@ -99,13 +99,15 @@ def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
     reader = threading.Thread(target=lambda: _drain(master, drained), daemon=True)
     reader.start()
     start = time.time()
-    proc = subprocess.run([str(Path(sys.executable).parent / "transferlab"), *overrides], env=env, stdin=subprocess.DEVNULL,
-                          stdout=slave, stderr=slave, timeout=7200)
+    script = Path(sys.executable).parent / "transferlab"
+    proc = subprocess.run([str(script), *overrides], env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                          timeout=7200)
     wall = time.time() - start
     os.close(slave)
     reader.join(timeout=5)
     if proc.returncode != 0 or not out.is_file():
-        raise SystemExit(f"the CLI run failed (exit {proc.returncode}):\n{b''.join(drained).decode(errors='replace')[-4000:]}")
+        console = b"".join(drained).decode(errors="replace")
+        raise SystemExit(f"the CLI run failed (exit {proc.returncode}):\n{console[-4000:]}")
     result = json.loads(out.read_text())
     result["process_wall_s"] = wall
     return result
@@ -217,8 +219,8 @@ def main() -> None:
         runs["cli"].append(run_cli(args, cifar, tmp, 2 * n, bar=True))
         runs["cli_no_bar"].append(run_cli(args, cifar, tmp, 2 * n + 1, bar=False))
         runs["plain"].append(plain_loop(args, cifar, tmp))
-        print(f"round {n + 1}/{args.rounds}: " + ", ".join(f"{k} {summary(v[-1:])['work_s']} s" for k, v in runs.items()),
-              flush=True)
+        done = ", ".join(f"{k} {summary(v[-1:])['work_s']} s" for k, v in runs.items())
+        print(f"round {n + 1}/{args.rounds}: {done}", flush=True)
     result = {name: summary(v) for name, v in runs.items()}
     plain = result["plain"]["work_s"]
     result["ratio"] = {"cli_vs_plain": round(plain / result["cli"]["work_s"], 3),

@@ -2,7 +2,6 @@
 run, one line per skipped stage, the results and the run folder at the end; verbose=true shows everything."""
 
 import pytest
-
 from conftest import TINY, run_cli
 
 TWO_STAGES = [*[o for o in TINY if o != "trainer.enable_progress_bar=false"], "~stages.finetune", "~stages.scratch",

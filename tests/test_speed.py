@@ -4,17 +4,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 
 from transferlab.speed import cpu_flags, native_bf16, resolve_precision
-
-from conftest import compose_config
 
 
 def test_cpu_flags_are_this_machines():
     flags = cpu_flags()
     if not Path("/proc/cpuinfo").is_file():
         pytest.skip("no /proc/cpuinfo on this system")
-    line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.split(":")[0].strip() in ("flags", "Features"))
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    line = next(ln for ln in lines if ln.split(":")[0].strip() in ("flags", "Features"))
     assert flags == set(line.split(":", 1)[1].split()) and flags
 
 

@@ -76,10 +76,11 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
     opt = f"{optimizer.get('name', 'sgd')} lr {optimizer['lr']:g}"
     if stage.scheduler.get("name", "none") != "none":
         opt += f" {stage.scheduler.name}"
+    epochs = f"{trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''}"
     parts = [f"stage {names.index(name) + 1}/{len(names)} {name}",
              f"{stage.task} {type(datamodule).__name__} {datamodule.num_classes} classes",
              f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val", start,
-             f"{trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''}" + (" (head only)" if stage.train == "head" else ""), opt]
+             epochs + (" (head only)" if stage.train == "head" else ""), opt]
     return " · ".join(parts)
 
 
