@@ -2,9 +2,10 @@
 
 Runs the real console script on a one-stage built-in config with a probe callback (added with
 `+callbacks.startup_probe`) that records the wall time when the first training batch starts and then ends the
-process. The first round warms the caches (Python bytecode, matplotlib's font cache, the page cache) and is not
-counted. With `-X importtime` it also lists the optional libraries imported on the way (matplotlib, tensorboard,
-optuna, submitit, ...) and what each cost.
+process. It reports wall time and the process's CPU time (user + sys), which a machine loaded by other jobs
+barely changes. The first round warms the caches (Python bytecode, matplotlib's font cache, the page cache)
+and is not counted. With `-X importtime` it also lists what the big libraries cost to import on the way
+(lightning, torch, torchvision, matplotlib, scipy, tensorboard, optuna, submitit, ...).
 
     python scripts/bench_startup.py              # 5 rounds  -> outputs/bench/startup.json
     python scripts/bench_startup.py --rounds 2
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,19 +42,25 @@ class FirstStepProbe(L.Callback):
         os._exit(0)
 
 
-def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, str]:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, float, str]:
+    """(wall seconds to the first step, CPU seconds the process used, its stderr)"""
     probe = tmp / f"probe{n}"
     env = dict(os.environ, STARTUP_PROBE=str(probe),
                PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
     script = Path(sys.executable).parent / "transferlab"
-    start = time.time()
+    start, cpu = time.time(), cpu_seconds()
     proc = subprocess.run([str(script), *ARGS, f"hydra.run.dir={tmp / f'run{n}'}"], env=env, capture_output=True,
                           text=True, timeout=600)
     if not probe.is_file():
         raise SystemExit(f"no training step was reached (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return float(probe.read_text()) - start, proc.stderr
+    return float(probe.read_text()) - start, cpu_seconds() - cpu, proc.stderr
 
 
 def imported(stderr: str) -> dict[str, float]:
@@ -72,10 +80,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one_round(Path(tmp), 0)  # warm-up: bytecode, font cache, page cache
-        times = [one_round(Path(tmp), i)[0] for i in range(1, args.rounds + 1)]
-        _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
+        rounds = [one_round(Path(tmp), i) for i in range(1, args.rounds + 1)]
+        _, _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
+    times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
     result = {"to_first_step_s": {"median": round(statistics.median(times), 2), "min": round(min(times), 2),
                                   "rounds": [round(t, 2) for t in times]},
+              # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
+              "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
               "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},
               "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
