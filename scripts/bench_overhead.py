@@ -13,7 +13,7 @@ Rounds are interleaved (cli, cli_no_bar, plain, cli, ...) so that a machine shar
 three alike; the ratios are of the medians. Writes outputs/bench/overhead.json.
 
     python scripts/bench_overhead.py                 # 45k train, 2 epochs, 3 rounds
-    python scripts/bench_overhead.py --quick         # 5k train, 1 epoch, 2 rounds (a few minutes on 2 cores)
+    python scripts/bench_overhead.py --quick         # 3k train, 1 epoch, 2 rounds (~10 min on 2 shared cores)
 """
 
 import argparse
@@ -201,7 +201,7 @@ def summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="500 train images per class, 1 epoch, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="300 train images per class, 1 epoch, 2 rounds")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--train-per-class", type=int, help="default: all (4,500 per class)")
@@ -209,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.train_per_class = args.train_per_class or (500 if args.quick else None)
+    args.train_per_class = args.train_per_class or (300 if args.quick else None)
     cifar = cifar10_copy()
     load_before = os.getloadavg()
     runs: dict[str, list] = {"cli": [], "cli_no_bar": [], "plain": []}
@@ -219,7 +219,8 @@ def main() -> None:
         runs["cli"].append(run_cli(args, cifar, tmp, 2 * n, bar=True))
         runs["cli_no_bar"].append(run_cli(args, cifar, tmp, 2 * n + 1, bar=False))
         runs["plain"].append(plain_loop(args, cifar, tmp))
-        done = ", ".join(f"{k} {summary(v[-1:])['work_s']} s" for k, v in runs.items())
+        done = "; ".join(f"{k} " + ", ".join(f"{part} {t:.1f} s" for part, t in v[-1]["times"].items())
+                         for k, v in runs.items())
         print(f"round {n + 1}/{args.rounds}: {done}", flush=True)
     result = {name: summary(v) for name, v in runs.items()}
     plain = result["plain"]["work_s"]

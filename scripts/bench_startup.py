@@ -26,8 +26,8 @@ from pathlib import Path
 import lightning as L
 
 REPO = Path(__file__).resolve().parents[1]
-WATCHED = ("matplotlib", "tensorboard", "optuna", "submitit", "torchvision", "torchvision.models", "scipy", "pandas",
-           "sklearn", "rich", "torchmetrics", "lightning", "torch", "hydra")
+WATCHED = ("matplotlib", "tensorboard", "optuna", "submitit", "torchvision", "torchvision.models", "scipy.signal",
+           "torch._dynamo", "pandas", "sklearn", "rich", "torchmetrics", "lightning", "torch", "hydra")
 ARGS = ["data.source.source_classes=6", "data.source.train_per_class=20", "data.source.test_per_class=5",
         "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc", "cache=false",
         "stages.source.epochs=1", "+callbacks.startup_probe._target_=bench_startup.FirstStepProbe"]
