@@ -41,14 +41,17 @@ class BenchTimer(L.Callback):
 
     def __init__(self):
         self.times = {"train": 0.0, "val": 0.0, "test": 0.0, "fit": 0.0}
+        self.cpu = dict(self.times)
         self.images = {"train": 0, "val": 0, "test": 0}
-        self._t: dict[str, float] = {}
+        self._t: dict[str, tuple[float, float]] = {}
 
     def _start(self, what):
-        self._t[what] = time.perf_counter()
+        self._t[what] = (time.perf_counter(), time.process_time())
 
     def _stop(self, what):
-        self.times[what] += time.perf_counter() - self._t.pop(what)
+        wall, cpu = self._t.pop(what)
+        self.times[what] += time.perf_counter() - wall
+        self.cpu[what] += time.process_time() - cpu
 
     def on_fit_start(self, *_):
         self._start("fit")
@@ -80,7 +83,8 @@ class BenchTimer(L.Callback):
         sizes = dm.split_sizes()
         self.images = {"train": sizes["train"] * trainer.current_epoch, "val": sizes["val"] * trainer.current_epoch,
                        "test": sizes["test"]}
-        Path(os.environ["BENCH_TIMER"]).write_text(json.dumps({"times": self.times, "images": self.images}))
+        Path(os.environ["BENCH_TIMER"]).write_text(json.dumps({"times": self.times, "cpu": self.cpu,
+                                                               "images": self.images}))
 
 
 def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
@@ -151,9 +155,10 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
         return correct / len(x)
 
     times = {"train": 0.0, "val": 0.0, "test": 0.0}
-    best, fit_start = -1.0, time.perf_counter()
+    cpu = dict(times)
+    best, fit_start, fit_cpu = -1.0, time.perf_counter(), time.process_time()
     for _ in range(args.epochs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.train()
         for idx in torch.randperm(len(xtr), generator=gen).split(64):
             x = norm(random_crop_flip(xtr[idx], padding=4, generator=gen))
@@ -162,20 +167,22 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
             loss.backward()
             opt.step()
         times["train"] += time.perf_counter() - t
-        t = time.perf_counter()
+        cpu["train"] += time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         acc = evaluate(xva, yva)
         times["val"] += time.perf_counter() - t
+        cpu["val"] += time.process_time() - c
         state = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # ModelCheckpoint's work
         torch.save(state, tmp / "last.pt")
         if acc > best:
             best = acc
             torch.save(state, tmp / "best.pt")
-    times["fit"] = time.perf_counter() - fit_start
-    t = time.perf_counter()
+    times["fit"], cpu["fit"] = time.perf_counter() - fit_start, time.process_time() - fit_cpu
+    t, c = time.perf_counter(), time.process_time()
     model.load_state_dict(torch.load(tmp / "best.pt")["model"])
     evaluate(xte, yte)
-    times["test"] = time.perf_counter() - t
-    return {"times": times, "images": {"train": len(xtr) * args.epochs, "val": len(xva) * args.epochs,
+    times["test"], cpu["test"] = time.perf_counter() - t, time.process_time() - c
+    return {"times": times, "cpu": cpu, "images": {"train": len(xtr) * args.epochs, "val": len(xva) * args.epochs,
                                        "test": len(xte)}}
 
 
@@ -187,10 +194,15 @@ def cifar10_copy() -> Path:
 
 
 def summary(runs: list[dict]) -> dict:
+    """Medians over rounds; `*_cpu_s`: process CPU time (all threads), which other jobs on the machine change
+    much less than wall time."""
     med = lambda key: statistics.median(r["times"][key] for r in runs)
     images = runs[0]["images"]
-    work = lambda r: r["times"]["fit"] + r["times"]["test"]
+    work = lambda r, what="times": r[what]["fit"] + r[what]["test"]
     return {"work_s": round(statistics.median(work(r) for r in runs), 2),
+            "work_cpu_s": round(statistics.median(work(r, "cpu") for r in runs), 2),
+            "train_cpu_s": round(statistics.median(r["cpu"]["train"] for r in runs), 2),
+            "val_cpu_s": round(statistics.median(r["cpu"]["val"] for r in runs), 2),
             "train_img_s": round(images["train"] / med("train")), "val_img_s": round(images["val"] / med("val")),
             "test_img_s": round(images["test"] / med("test")),
             "val_over_train": round((images["val"] / med("val")) / (images["train"] / med("train")), 2),
@@ -219,14 +231,19 @@ def main() -> None:
         runs["cli"].append(run_cli(args, cifar, tmp, 2 * n, bar=True))
         runs["cli_no_bar"].append(run_cli(args, cifar, tmp, 2 * n + 1, bar=False))
         runs["plain"].append(plain_loop(args, cifar, tmp))
-        done = "; ".join(f"{k} " + ", ".join(f"{part} {t:.1f} s" for part, t in v[-1]["times"].items())
+        done = "; ".join(f"{k} " + ", ".join(f"{part} {t:.1f} s ({v[-1]['cpu'][part]:.1f} cpu)"
+                                             for part, t in v[-1]["times"].items())
                          for k, v in runs.items())
         print(f"round {n + 1}/{args.rounds}: {done}", flush=True)
     result = {name: summary(v) for name, v in runs.items()}
     plain = result["plain"]["work_s"]
+    plain_cpu = result["plain"]["work_cpu_s"]
     result["ratio"] = {"cli_vs_plain": round(plain / result["cli"]["work_s"], 3),
                        "cli_no_bar_vs_plain": round(plain / result["cli_no_bar"]["work_s"], 3),
-                       "bar_cost": round(result["cli"]["work_s"] / result["cli_no_bar"]["work_s"] - 1, 3)}
+                       "bar_cost": round(result["cli"]["work_s"] / result["cli_no_bar"]["work_s"] - 1, 3),
+                       "cpu_cli_vs_plain": round(plain_cpu / result["cli"]["work_cpu_s"], 3),
+                       "cpu_cli_no_bar_vs_plain": round(plain_cpu / result["cli_no_bar"]["work_cpu_s"], 3),
+                       "cpu_bar_cost": round(result["cli"]["work_cpu_s"] / result["cli_no_bar"]["work_cpu_s"] - 1, 3)}
     result["setup"] = {"epochs": args.epochs, "rounds": args.rounds, "train_per_class": args.train_per_class,
                        "threads": torch.get_num_threads(), "load_average_before": load_before,
                        "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
