@@ -50,3 +50,15 @@ def test_verbose_shows_every_lightning_line(console_run, tmp_path):
     assert "[lightning.pytorch.utilities.rank_zero][INFO]" in proc.stdout
     # the run's log file keeps every line whatever the console shows
     assert (run_dir / "cli.log").read_text().count("GPU available") == 2
+
+
+def test_the_bar_redraws_by_time_not_by_step():
+    import time
+
+    from transferlab.console import StageProgressBar
+    bar = StageProgressBar("source 1/4", refresh_per_second=2)
+    assert bar._due(1, 100)  # the first step draws
+    assert not any(bar._due(n, 100) for n in range(2, 99))  # the steps within the next 0.5 s don't
+    assert bar._due(100, 100)  # the last step of a loop always does
+    time.sleep(0.55)
+    assert bar._due(5, 100)
