@@ -15,9 +15,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from transferlab import CONF_DIR
 from transferlab.errors import UserError, user_message
+from transferlab.speed import resolve_precision
 
 log = logging.getLogger("transferlab")
 OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
+OmegaConf.register_new_resolver("resolve_precision", resolve_precision, replace=True)  # precision=auto
 
 
 
@@ -97,6 +99,8 @@ def _main(cfg: DictConfig) -> float:
     from transferlab.pipeline import run
     from transferlab.slurm import check_slurm_tasks
     from transferlab.validation import check_objective
+    from transferlab import console
+    console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
     check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
     with stop_on_signals(), runlock.hold(cfg.paths.run_dir):  # SIGTERM/SIGINT stop; one writer per folder
@@ -121,7 +125,9 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 @_report_user_errors
 def evaluate(cfg: DictConfig) -> dict:
+    from transferlab import console
     from transferlab.evaluate import evaluate_checkpoint
+    console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     return evaluate_checkpoint(cfg)
 
 

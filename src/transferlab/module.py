@@ -3,12 +3,12 @@
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
 
 from transferlab import regularizers
 from transferlab.finetuning import BlockFreezing, model_blocks, resolve_trainable
 from transferlab.methods import DEFAULTS
+from transferlab.metrics import EvalMetrics
 from transferlab.models import build_backbone
 from transferlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
 
@@ -53,16 +53,8 @@ class ClassifierModule(L.LightningModule):
         self.bss = {**DEFAULTS["bss"], **(bss or {})}
         self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-                "auroc": MulticlassAUROC(num_classes, average="macro"),
-            }
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_metrics = EvalMetrics(num_classes)  # loss, acc, top-5, F1, AUROC: computed once per epoch
+        self.test_metrics = EvalMetrics(num_classes)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "ClassifierModule":
@@ -110,18 +102,25 @@ class ClassifierModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
+    def _eval_step(self, batch, metrics: EvalMetrics) -> None:
         x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
-        metrics.update(logits.float().softmax(dim=-1), y)
-        self.log_dict(metrics)
+        metrics.update(self(x), y)  # logged once, at the epoch's end (synced across ranks by torchmetrics)
+
+    def _eval_epoch_end(self, metrics: EvalMetrics, stage: str) -> None:
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()})
+        metrics.reset()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")
 
     def configure_optimizers(self):
         hp = self.hparams

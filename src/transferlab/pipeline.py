@@ -19,7 +19,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import attempts, methods, provenance, report, validation
+from transferlab import attempts, console, methods, provenance, report, validation
 from transferlab.callbacks import check_losses
 from transferlab.checkpoint_io import check_resumable
 from transferlab.errors import UserError, user_message
@@ -170,7 +170,7 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     """Train one stage (initialised from `plan.init`, or resumed from its own last.ckpt) and test it."""
     name, stage, stage_dir = plan.name, plan.stage, folder.dir / plan.name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    callbacks = [build(c) for c in cfg.callbacks.values()]
+    callbacks = [build(c) for c in cfg.callbacks.values()] + console.progress_bars(cfg, name)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
     trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
@@ -196,13 +196,14 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
                             "start, or use a new run folder (hydra.run.dir=...).")
         log.info("Stage %s: resuming from %s", name, last)
     elif plan.init is not None:
-        log.info("Stage %s: initialised from %s (%s head)", name, plan.init, stage.init_head)
+        log.debug("Stage %s: initialised from %s (%s head)", name, plan.init, stage.init_head)
         init_from_checkpoint(module, plan.init, new_head=stage.init_head == "new")
     record = StageRecord(status="running", task=stage.task, config_hash=plan.hash, config=plan.config,
                          attempts=[*(before.attempts if resume else []), folder.attempt],
                          init=stage.init or stage.get("init_ckpt"), provenance=folder.provenance,
                          last_ckpt=os.path.relpath(last, folder.dir))
     folder.manifest.record(name, record)  # before the first step: the hash its checkpoints are trained under
+    log.info("%s", console.stage_header(cfg, name, datamodule, trainer, optimizer, resume, plan.init))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     best = checkpoint.best_model_path

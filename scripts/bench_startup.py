@@ -1,0 +1,98 @@
+"""Start-up time: from starting `transferlab` to its first training step, with warm caches.
+
+Runs the real console script on a one-stage built-in config with a probe callback (added with
+`+callbacks.startup_probe`) that records the wall time when the first training batch starts and then ends the
+process. It reports wall time and the process's CPU time (user + sys), which a machine loaded by other jobs
+barely changes. The first round warms the caches (Python bytecode, matplotlib's font cache, the page cache)
+and is not counted. With `-X importtime` it also lists what the big libraries cost to import on the way
+(lightning, torch, torchvision, matplotlib, scipy, tensorboard, optuna, submitit, ...).
+
+    python scripts/bench_startup.py              # 5 rounds  -> outputs/bench/startup.json
+    python scripts/bench_startup.py --rounds 2
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+REPO = Path(__file__).resolve().parents[1]
+WATCHED = ("matplotlib", "tensorboard", "optuna", "submitit", "torchvision", "torchvision.models", "scipy.signal",
+           "torch._dynamo", "pandas", "sklearn", "rich", "torchmetrics", "lightning", "torch", "hydra")
+ARGS = ["data.source.source_classes=6", "data.source.train_per_class=20", "data.source.test_per_class=5",
+        "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc", "cache=false",
+        "stages.source.epochs=1", "+callbacks.startup_probe._target_=bench_startup.FirstStepProbe"]
+
+
+class FirstStepProbe(L.Callback):
+    """Writes the time the first training batch starts to $STARTUP_PROBE, then ends the process."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        Path(os.environ["STARTUP_PROBE"]).write_text(repr(time.time()))
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, float, str]:
+    """(wall seconds to the first step, CPU seconds the process used, its stderr)"""
+    probe = tmp / f"probe{n}"
+    env = dict(os.environ, STARTUP_PROBE=str(probe),
+               PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    if importtime:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
+    script = Path(sys.executable).parent / "transferlab"
+    start, cpu = time.time(), cpu_seconds()
+    proc = subprocess.run([str(script), *ARGS, f"hydra.run.dir={tmp / f'run{n}'}"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if not probe.is_file():
+        raise SystemExit(f"no training step was reached (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return float(probe.read_text()) - start, cpu_seconds() - cpu, proc.stderr
+
+
+def imported(stderr: str) -> dict[str, float]:
+    """Cumulative import time (s) of each watched top-level package, from -X importtime's lines."""
+    found = {}
+    for line in stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)$", line)
+        if m and m.group(3) in WATCHED:
+            found[m.group(3)] = max(found.get(m.group(3), 0.0), int(m.group(1)) / 1e6)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "startup.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        one_round(Path(tmp), 0)  # warm-up: bytecode, font cache, page cache
+        rounds = [one_round(Path(tmp), i) for i in range(1, args.rounds + 1)]
+        _, _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
+    times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
+    result = {"to_first_step_s": {"median": round(statistics.median(times), 2), "min": round(min(times), 2),
+                                  "rounds": [round(t, 2) for t in times]},
+              # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
+              "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
+              "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},
+              "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The console of a real run: a header line per stage, bars named after their stage, Lightning's banner once per
+run, one line per skipped stage, the results and the run folder at the end; verbose=true shows everything."""
+
+import pytest
+from conftest import TINY, run_cli
+
+TWO_STAGES = [*[o for o in TINY if o != "trainer.enable_progress_bar=false"], "~stages.finetune", "~stages.scratch",
+              "objective=pretrain/test/acc", "stages.source.epochs=1", "stages.pretrain.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def console_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("console") / "run"
+    return run_dir, run_cli("transferlab", *TWO_STAGES, f"hydra.run.dir={run_dir}")
+
+
+def test_each_stage_has_one_header_line_and_a_named_bar(console_run):
+    run_dir, proc = console_run
+    lines = proc.stdout.splitlines()
+    assert ("stage 1/2 source · source BuiltinDataModule 6 classes · 216 train / 24 val · random init · 1 epoch · "
+            "sgd lr 0.01") in lines
+    assert ("stage 2/2 pretrain · target BuiltinDataModule 10 classes · 80 train / 20 val · init source best.ckpt "
+            "(new head) · 1 epoch · sgd lr 0.01") in lines
+    assert "source 1/2 · epoch 1/1" in proc.stdout and "pretrain 2/2 · test" in proc.stdout
+    assert "Epoch 1/1" not in proc.stdout and "v_num" not in proc.stdout
+    assert f"Results ({run_dir})" in proc.stdout and "| pretrain | target | source |" in proc.stdout
+
+
+def test_lightning_banner_at_most_once_and_no_log_prefixes(console_run):
+    _, proc = console_run
+    out = proc.stdout + proc.stderr
+    assert out.count("GPU available") == 1 and out.count("TPU available") == 1
+    assert "💡 Tip" not in out and "Restoring states from the checkpoint" not in out
+    assert "[lightning.pytorch" not in out and "][INFO]" not in out
+
+
+def test_a_finished_stage_is_one_line_on_rerun(console_run):
+    run_dir, _ = console_run
+    proc = run_cli("transferlab", *TWO_STAGES, f"hydra.run.dir={run_dir}")
+    lines = proc.stdout.splitlines()
+    assert "Stage source: done in an earlier run, skipped" in lines
+    assert "Stage pretrain: done in an earlier run, skipped" in lines
+    assert "GPU available" not in proc.stdout and "stage 1/2" not in proc.stdout  # nothing trains, no Trainer
+
+
+def test_verbose_shows_every_lightning_line(console_run, tmp_path):
+    run_dir, quiet = console_run
+    proc = run_cli("transferlab", *TWO_STAGES, "verbose=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.stdout.count("GPU available") == 2 and proc.stdout.count("Restoring states from the checkpoint") == 2
+    assert "[lightning.pytorch.utilities.rank_zero][INFO]" in proc.stdout
+    # the run's log file keeps every line whatever the console shows
+    assert (run_dir / "cli.log").read_text().count("GPU available") == 2
+
+
+def test_the_bar_redraws_by_time_not_by_step():
+    import time
+
+    from transferlab.console import StageProgressBar
+    bar = StageProgressBar("source 1/4", refresh_per_second=2)
+    assert bar._due(1, 100)  # the first step draws
+    assert not any(bar._due(n, 100) for n in range(2, 99))  # the steps within the next 0.5 s don't
+    assert bar._due(100, 100)  # the last step of a loop always does
+    time.sleep(0.55)
+    assert bar._due(5, 100)
