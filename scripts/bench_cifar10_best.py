@@ -18,9 +18,14 @@ import json
 from studylib import BENCH, cifar_root, environment, fmt, has_config, mean_std, recipe, save, stamp, transferlab
 
 BEST = ["recipe=strong", "data.batch_size=128", "stages.scratch.optimizer.lr=0.02"]
-BEST_TODAY = ["stages.scratch.optimizer.lr=0.02", "stages.scratch.optimizer.momentum=0.9",
-              "+stages.scratch.optimizer.nesterov=true", "stages.scratch.optimizer.weight_decay=5e-4",
-              "stages.scratch.scheduler.name=cosine", "data.batch_size=128"]
+BEST_TODAY = [
+    "stages.scratch.optimizer.lr=0.02",
+    "stages.scratch.optimizer.momentum=0.9",
+    "+stages.scratch.optimizer.nesterov=true",
+    "stages.scratch.optimizer.weight_decay=5e-4",
+    "stages.scratch.scheduler.name=cosine",
+    "data.batch_size=128",
+]
 
 
 def recipes(best: list[str] | None) -> dict[str, list[str]]:
@@ -30,17 +35,38 @@ def recipes(best: list[str] | None) -> dict[str, list[str]]:
 
 def run_one(root, name: str, overrides: list[str], seed: int, epochs: int, extra: list[str], tag: str) -> dict:
     run_dir = BENCH / "runs" / f"cifar10_best-{tag}-{name}-seed{seed}"
-    rc, wall = transferlab("data=builtin_cifar10", f"data.target.root={root}", *overrides, "~stages.source",
-                           "~stages.pretrain", "~stages.finetune", f"stages.scratch.epochs={epochs}", f"seed={seed}",
-                           "objective=scratch/test/acc", f"hydra.run.dir={run_dir}",
-                           "trainer.enable_progress_bar=false", "cache=false", *extra, log=run_dir.with_suffix(".log"))
+    rc, wall = transferlab(
+        "data=builtin_cifar10",
+        f"data.target.root={root}",
+        *overrides,
+        "~stages.source",
+        "~stages.pretrain",
+        "~stages.finetune",
+        f"stages.scratch.epochs={epochs}",
+        f"seed={seed}",
+        "objective=scratch/test/acc",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+        "cache=false",
+        *extra,
+        log=run_dir.with_suffix(".log"),
+    )
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     stage = manifest.get("stages", {}).get("scratch", {})
     done = rc == 0 and stage.get("status") == "done"
-    return {"recipe": name, "seed": seed, "rc": rc, "status": stage.get("status", "failed"), "run_dir": str(run_dir),
-            "test_acc": stage["test"]["acc"] if done else None, "best_val_acc": stage.get("best_val"),
-            "splits": stage.get("splits"), "stage_wall_time_s": stage.get("wall_time_s"), "process_wall_time_s": wall,
-            "epoch_time_s": round(stage["wall_time_s"] / epochs, 1) if done else None}
+    return {
+        "recipe": name,
+        "seed": seed,
+        "rc": rc,
+        "status": stage.get("status", "failed"),
+        "run_dir": str(run_dir),
+        "test_acc": stage["test"]["acc"] if done else None,
+        "best_val_acc": stage.get("best_val"),
+        "splits": stage.get("splits"),
+        "stage_wall_time_s": stage.get("wall_time_s"),
+        "process_wall_time_s": wall,
+        "epoch_time_s": round(stage["wall_time_s"] / epochs, 1) if done else None,
+    }
 
 
 def main() -> None:
@@ -53,20 +79,37 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     seeds, epochs = ([args.seeds[0]], 1) if args.quick else (args.seeds, args.epochs)
     root, tag, env = cifar_root(args.root), stamp(), environment()
-    runs = [run_one(root, name, overrides, seed, epochs, extra, tag)
-            for seed in seeds for name, overrides in recipes(args.best).items()]  # interleaved: seed by seed
-    summary = {name: {"test_acc": mean_std([r["test_acc"] for r in runs if r["recipe"] == name]),
-                      "stage_wall_time_s": mean_std([r["stage_wall_time_s"] for r in runs if r["recipe"] == name]),
-                      "epoch_time_s": mean_std([r["epoch_time_s"] for r in runs if r["recipe"] == name])}
-               for name in recipes(args.best)}
-    report = {"what": __doc__.splitlines()[0], "quick": args.quick, "epochs": epochs, "seeds": seeds,
-              "recipes": recipes(args.best), "extra_overrides": extra, "summary": summary, "runs": runs,
-              "environment": env}
+    runs = [
+        run_one(root, name, overrides, seed, epochs, extra, tag)
+        for seed in seeds
+        for name, overrides in recipes(args.best).items()
+    ]  # interleaved: seed by seed
+    summary = {
+        name: {
+            "test_acc": mean_std([r["test_acc"] for r in runs if r["recipe"] == name]),
+            "stage_wall_time_s": mean_std([r["stage_wall_time_s"] for r in runs if r["recipe"] == name]),
+            "epoch_time_s": mean_std([r["epoch_time_s"] for r in runs if r["recipe"] == name]),
+        }
+        for name in recipes(args.best)
+    }
+    report = {
+        "what": __doc__.splitlines()[0],
+        "quick": args.quick,
+        "epochs": epochs,
+        "seeds": seeds,
+        "recipes": recipes(args.best),
+        "extra_overrides": extra,
+        "summary": summary,
+        "runs": runs,
+        "environment": env,
+    }
     for name, s in summary.items():
         print(f"{name}: test acc {fmt(s['test_acc'])} %, epoch {fmt(s['epoch_time_s'], 1)} s")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (acc, wall) = plt.subplots(1, 2, figsize=(8, 3.5))
     for ax, key, label in ((acc, "test_acc", "test accuracy"), (wall, "stage_wall_time_s", "wall time (s)")):
         stats = [summary[n][key] for n in summary]

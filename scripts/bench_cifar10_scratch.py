@@ -36,19 +36,35 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     suffix = "_noaug" if args.no_augment else ""
     run_dir = REPO / "outputs" / "bench" / f"cifar10_scratch{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [str(Path(sys.executable).parent / "transferlab"), "data=builtin_cifar10",
-               f"data.target.root={cifar_root(args.root)}", f"data.target.augment={not args.no_augment}",
-               "~stages.source", "~stages.pretrain", "~stages.finetune", "stages.scratch.epochs=10",
-               "objective=scratch/test/acc", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
-               "cache=false",
-               *overrides]
+    command = [
+        str(Path(sys.executable).parent / "transferlab"),
+        "data=builtin_cifar10",
+        f"data.target.root={cifar_root(args.root)}",
+        f"data.target.augment={not args.no_augment}",
+        "~stages.source",
+        "~stages.pretrain",
+        "~stages.finetune",
+        "stages.scratch.epochs=10",
+        "objective=scratch/test/acc",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+        "cache=false",
+        *overrides,
+    ]
     start = time.time()
     subprocess.run(command, check=True, cwd=REPO)
     stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["scratch"]
-    report = {"command": " ".join(command[1:]), "augment": not args.no_augment,
-              "test": stage["test"], "best_val_acc": stage["best_val"], "splits": stage["splits"],
-              "stage_wall_time_s": stage["wall_time_s"], "wall_time_s": round(time.time() - start, 1),
-              "cpus": os.cpu_count(), "run_dir": str(run_dir)}
+    report = {
+        "command": " ".join(command[1:]),
+        "augment": not args.no_augment,
+        "test": stage["test"],
+        "best_val_acc": stage["best_val"],
+        "splits": stage["splits"],
+        "stage_wall_time_s": stage["wall_time_s"],
+        "wall_time_s": round(time.time() - start, 1),
+        "cpus": os.cpu_count(),
+        "run_dir": str(run_dir),
+    }
     out = REPO / "outputs" / "bench" / f"cifar10_scratch{suffix}.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -98,7 +98,9 @@ class GeneratedImagenet32(ClassificationDataModule):
                     stop = min(n, start + 100_000)
                     images[start:stop] = rng.integers(0, 256, (stop - start, 3, 32, 32), dtype=np.uint8)
                     yield rng.integers(0, 1000, stop - start)
+
             return (n, 3, 32, 32), fill
+
         return ArrayData(*cached_arrays(self.cache_dir, f"bench_imagenet32_{split}", str(n), build))
 
 
@@ -108,18 +110,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of the input paths")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the workers path")
     parser.add_argument("--out", default="outputs/bench/data.json")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for every measurement (default 1: on a shared machine, "
-                             "threads that wait for busy cores make every figure erratic)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every measurement (default 1: on a shared machine, "
+        "threads that wait for busy cores make every figure erratic)",
+    )
     parser.add_argument("--keep-cache", action="store_true", help="keep the generated Imagenet32-sized cache entry")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cifar_n, in32_n = (10_000, 100_000) if args.quick else (50_000, IMAGENET32_TRAIN)
-    report = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "load_average_1_5_15min_at_start": os.getloadavg(),
-                          "platform": platform.platform(), "torch": torch.__version__},
-              "args": vars(args), "images_per_s": {}}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15min_at_start": os.getloadavg(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "args": vars(args),
+        "images_per_s": {},
+    }
     ips = report["images_per_s"]
 
     ips["convnet_train_batch64"] = convnet_train(steps=30 if args.quick else 150)
@@ -142,14 +155,19 @@ def main() -> None:
         report["imagenet32_generate_and_split_s"] = time.perf_counter() - start
         report["imagenet32_cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*.npy"))
         ips["memory_imagenet32"] = loader_throughput(dm, in32_n)
-        print(f"memory path, Imagenet32-sized ({in32_n:,}, memory-mapped, one epoch): "
-              f"{ips['memory_imagenet32']:,.0f} images/s", flush=True)
+        print(
+            f"memory path, Imagenet32-sized ({in32_n:,}, memory-mapped, one epoch): "
+            f"{ips['memory_imagenet32']:,.0f} images/s",
+            flush=True,
+        )
         if not args.keep_cache:
             shutil.rmtree(cache, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report["machine"]["load_average_1_5_15min_at_end"] = os.getloadavg()  # the machine is shared: context for the figures
+    report["machine"]["load_average_1_5_15min_at_end"] = (
+        os.getloadavg()
+    )  # the machine is shared: context for the figures
     report["memory_over_convnet"] = min(ips["memory_cifar10"], ips["memory_imagenet32"]) / ips["convnet_train_batch64"]
     report["memory_fast_enough"] = report["memory_over_convnet"] >= 5
     out = Path(args.out)

@@ -62,10 +62,18 @@ def measure(name: str, files: list[Path], index_dir: Path) -> dict:
     first = timed(files, index_dir)
     rerun = timed(files, index_dir)
     size = sum(f.stat().st_size for f in files)
-    row = {"files": len(files), "bytes": size, "first_run_s": first, "rerun_s": rerun,
-           "first_run_mb_per_s": size / first / 1e6}
-    print(f"{name}: {len(files):,} files, {size / 1e6:,.1f} MB: first run {first:.2f} s "
-          f"({row['first_run_mb_per_s']:,.0f} MB/s), re-run {rerun:.2f} s", flush=True)
+    row = {
+        "files": len(files),
+        "bytes": size,
+        "first_run_s": first,
+        "rerun_s": rerun,
+        "first_run_mb_per_s": size / first / 1e6,
+    }
+    print(
+        f"{name}: {len(files):,} files, {size / 1e6:,.1f} MB: first run {first:.2f} s "
+        f"({row['first_run_mb_per_s']:,.0f} MB/s), re-run {rerun:.2f} s",
+        flush=True,
+    )
     return row
 
 
@@ -78,8 +86,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_fingerprint_"))
     report = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     try:
-        subprocess.run([sys.executable, str(shared / "cifar10" / "build_cifar10.py"), str(tmp / "cifar")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(shared / "cifar10" / "build_cifar10.py"), str(tmp / "cifar")],
+            check=True,
+            capture_output=True,
+        )
         cifar = CIFAR10DataModule(root=str(tmp / "cifar"), cache_dir=str(tmp / "cache"))
         report["cifar10"] = measure("CIFAR-10 (real copy)", cifar.data_files(), tmp / "cache")
         start = time.perf_counter()

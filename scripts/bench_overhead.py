@@ -81,21 +81,39 @@ class BenchTimer(L.Callback):
         self._stop("test")
         dm = trainer.datamodule
         sizes = dm.split_sizes()
-        self.images = {"train": sizes["train"] * trainer.current_epoch, "val": sizes["val"] * trainer.current_epoch,
-                       "test": sizes["test"]}
-        Path(os.environ["BENCH_TIMER"]).write_text(json.dumps({"times": self.times, "cpu": self.cpu,
-                                                               "images": self.images}))
+        self.images = {
+            "train": sizes["train"] * trainer.current_epoch,
+            "val": sizes["val"] * trainer.current_epoch,
+            "test": sizes["test"],
+        }
+        Path(os.environ["BENCH_TIMER"]).write_text(
+            json.dumps({"times": self.times, "cpu": self.cpu, "images": self.images})
+        )
 
 
 def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
     out = tmp / f"timer{n}.json"
-    env = dict(os.environ, BENCH_TIMER=str(out), COLUMNS="120",
-               PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    overrides = ["data=builtin_cifar10", f"data.target.root={cifar}", "~stages.source", "~stages.pretrain",
-                 "~stages.finetune", f"stages.scratch.epochs={args.epochs}", "objective=scratch/test/acc",
-                 "cache=false", "logger=csv", f"trainer.enable_progress_bar={str(bar).lower()}",
-                 "data.target.eval_batch_size=500", f"hydra.run.dir={tmp / f'run{n}'}",
-                 "+callbacks.bench_timer._target_=bench_overhead.BenchTimer"]
+    env = dict(
+        os.environ,
+        BENCH_TIMER=str(out),
+        COLUMNS="120",
+        PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    overrides = [
+        "data=builtin_cifar10",
+        f"data.target.root={cifar}",
+        "~stages.source",
+        "~stages.pretrain",
+        "~stages.finetune",
+        f"stages.scratch.epochs={args.epochs}",
+        "objective=scratch/test/acc",
+        "cache=false",
+        "logger=csv",
+        f"trainer.enable_progress_bar={str(bar).lower()}",
+        "data.target.eval_batch_size=500",
+        f"hydra.run.dir={tmp / f'run{n}'}",
+        "+callbacks.bench_timer._target_=bench_overhead.BenchTimer",
+    ]
     if args.train_per_class:
         overrides.append(f"data.target.samples_per_class={args.train_per_class}")
     master, slave = pty.openpty()  # a terminal, so that the bar is drawn as a user sees it
@@ -104,8 +122,9 @@ def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
     reader.start()
     start = time.time()
     script = Path(sys.executable).parent / "transferlab"
-    proc = subprocess.run([str(script), *overrides], env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                          timeout=7200)
+    proc = subprocess.run(
+        [str(script), *overrides], env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, timeout=7200
+    )
     wall = time.time() - start
     os.close(slave)
     reader.join(timeout=5)
@@ -151,7 +170,7 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
         correct = 0
         with torch.no_grad():
             for i in range(0, len(x), 500):
-                correct += (model(norm(x[i:i + 500])).argmax(1) == y[i:i + 500]).sum().item()
+                correct += (model(norm(x[i : i + 500])).argmax(1) == y[i : i + 500]).sum().item()
         return correct / len(x)
 
     times = {"train": 0.0, "val": 0.0, "test": 0.0}
@@ -182,8 +201,11 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
     model.load_state_dict(torch.load(tmp / "best.pt")["model"])
     evaluate(xte, yte)
     times["test"], cpu["test"] = time.perf_counter() - t, time.process_time() - c
-    return {"times": times, "cpu": cpu, "images": {"train": len(xtr) * args.epochs, "val": len(xva) * args.epochs,
-                                       "test": len(xte)}}
+    return {
+        "times": times,
+        "cpu": cpu,
+        "images": {"train": len(xtr) * args.epochs, "val": len(xva) * args.epochs, "test": len(xte)},
+    }
 
 
 def cifar10_copy() -> Path:
@@ -199,16 +221,22 @@ def summary(runs: list[dict]) -> dict:
     med = lambda key: statistics.median(r["times"][key] for r in runs)
     images = runs[0]["images"]
     work = lambda r, what="times": r[what]["fit"] + r[what]["test"]
-    return {"work_s": round(statistics.median(work(r) for r in runs), 2),
-            "work_cpu_s": round(statistics.median(work(r, "cpu") for r in runs), 2),
-            "train_cpu_s": round(statistics.median(r["cpu"]["train"] for r in runs), 2),
-            "val_cpu_s": round(statistics.median(r["cpu"]["val"] for r in runs), 2),
-            "train_img_s": round(images["train"] / med("train")), "val_img_s": round(images["val"] / med("val")),
-            "test_img_s": round(images["test"] / med("test")),
-            "val_over_train": round((images["val"] / med("val")) / (images["train"] / med("train")), 2),
-            "rounds_work_s": [round(work(r), 2) for r in runs],
-            **({"process_wall_s": round(statistics.median(r["process_wall_s"] for r in runs), 1)}
-               if "process_wall_s" in runs[0] else {})}
+    return {
+        "work_s": round(statistics.median(work(r) for r in runs), 2),
+        "work_cpu_s": round(statistics.median(work(r, "cpu") for r in runs), 2),
+        "train_cpu_s": round(statistics.median(r["cpu"]["train"] for r in runs), 2),
+        "val_cpu_s": round(statistics.median(r["cpu"]["val"] for r in runs), 2),
+        "train_img_s": round(images["train"] / med("train")),
+        "val_img_s": round(images["val"] / med("val")),
+        "test_img_s": round(images["test"] / med("test")),
+        "val_over_train": round((images["val"] / med("val")) / (images["train"] / med("train")), 2),
+        "rounds_work_s": [round(work(r), 2) for r in runs],
+        **(
+            {"process_wall_s": round(statistics.median(r["process_wall_s"] for r in runs), 1)}
+            if "process_wall_s" in runs[0]
+            else {}
+        ),
+    }
 
 
 def main() -> None:
@@ -231,22 +259,32 @@ def main() -> None:
         runs["cli"].append(run_cli(args, cifar, tmp, 2 * n, bar=True))
         runs["cli_no_bar"].append(run_cli(args, cifar, tmp, 2 * n + 1, bar=False))
         runs["plain"].append(plain_loop(args, cifar, tmp))
-        done = "; ".join(f"{k} " + ", ".join(f"{part} {t:.1f} s ({v[-1]['cpu'][part]:.1f} cpu)"
-                                             for part, t in v[-1]["times"].items())
-                         for k, v in runs.items())
+        done = "; ".join(
+            f"{k} "
+            + ", ".join(f"{part} {t:.1f} s ({v[-1]['cpu'][part]:.1f} cpu)" for part, t in v[-1]["times"].items())
+            for k, v in runs.items()
+        )
         print(f"round {n + 1}/{args.rounds}: {done}", flush=True)
     result = {name: summary(v) for name, v in runs.items()}
     plain = result["plain"]["work_s"]
     plain_cpu = result["plain"]["work_cpu_s"]
-    result["ratio"] = {"cli_vs_plain": round(plain / result["cli"]["work_s"], 3),
-                       "cli_no_bar_vs_plain": round(plain / result["cli_no_bar"]["work_s"], 3),
-                       "bar_cost": round(result["cli"]["work_s"] / result["cli_no_bar"]["work_s"] - 1, 3),
-                       "cpu_cli_vs_plain": round(plain_cpu / result["cli"]["work_cpu_s"], 3),
-                       "cpu_cli_no_bar_vs_plain": round(plain_cpu / result["cli_no_bar"]["work_cpu_s"], 3),
-                       "cpu_bar_cost": round(result["cli"]["work_cpu_s"] / result["cli_no_bar"]["work_cpu_s"] - 1, 3)}
-    result["setup"] = {"epochs": args.epochs, "rounds": args.rounds, "train_per_class": args.train_per_class,
-                       "threads": torch.get_num_threads(), "load_average_before": load_before,
-                       "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
+    result["ratio"] = {
+        "cli_vs_plain": round(plain / result["cli"]["work_s"], 3),
+        "cli_no_bar_vs_plain": round(plain / result["cli_no_bar"]["work_s"], 3),
+        "bar_cost": round(result["cli"]["work_s"] / result["cli_no_bar"]["work_s"] - 1, 3),
+        "cpu_cli_vs_plain": round(plain_cpu / result["cli"]["work_cpu_s"], 3),
+        "cpu_cli_no_bar_vs_plain": round(plain_cpu / result["cli_no_bar"]["work_cpu_s"], 3),
+        "cpu_bar_cost": round(result["cli"]["work_cpu_s"] / result["cli_no_bar"]["work_cpu_s"] - 1, 3),
+    }
+    result["setup"] = {
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "train_per_class": args.train_per_class,
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -20,8 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     run_dir = REPO / "outputs" / "bench" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [str(Path(sys.executable).parent / "transferlab"), f"hydra.run.dir={run_dir}", "cache=false",
-               "trainer.enable_progress_bar=false", *sys.argv[1:]]
+    command = [
+        str(Path(sys.executable).parent / "transferlab"),
+        f"hydra.run.dir={run_dir}",
+        "cache=false",
+        "trainer.enable_progress_bar=false",
+        *sys.argv[1:],
+    ]
     start = time.time()
     subprocess.run(command, check=True, cwd=REPO)
     wall = time.time() - start

@@ -47,14 +47,27 @@ def run_rank(candidates: list[Path], images: int, out: Path, cache: Path) -> dic
     """The command in a new process: its wall time, and its CPU time (user + sys, all threads; on a machine shared
     with other jobs the wall time grows with the load, the CPU time much less)."""
     per_class = images // 10  # the built-in target has 10 classes; val_fraction=0: all of them are training images
-    cmd = [sys.executable, "-m", "transferlab.rank", f"candidates=[{','.join(map(str, candidates))}]",
-           f"data.target.train_per_class={per_class}", "data.target.val_fraction=0", "data.target.test_per_class=1",
-           f"hydra.run.dir={out}", f"paths.cache_dir={cache}", "device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferlab.rank",
+        f"candidates=[{','.join(map(str, candidates))}]",
+        f"data.target.train_per_class={per_class}",
+        "data.target.val_fraction=0",
+        "data.target.test_per_class=1",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={cache}",
+        "device=cpu",
+    ]
     before, start = _children_cpu(), time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    return {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(_children_cpu() - before, 1),
-            "load_average_1min": os.getloadavg()[0]}
+    subprocess.run(
+        cmd, check=True, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}
+    )
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(_children_cpu() - before, 1),
+        "load_average_1min": os.getloadavg()[0],
+    }
 
 
 def _children_cpu() -> float:
@@ -89,9 +102,16 @@ def main() -> None:
         warm = run_rank(candidates, images, tmp / "rank_warm", tmp / "cache")
     rows = ranking["candidates"]
     result = {
-        "rank": {"candidates": len(rows), "model": "convnet", "target_images": ranking["samples"],
-                 "feature_dim": rows[0]["feature_dim"], "cold_cache": cold, "warm_cache": warm,
-                 "forward_s": [r["forward_s"] for r in rows], "scores_s": [r["scores_s"] for r in rows]},
+        "rank": {
+            "candidates": len(rows),
+            "model": "convnet",
+            "target_images": ranking["samples"],
+            "feature_dim": rows[0]["feature_dim"],
+            "cold_cache": cold,
+            "warm_cache": warm,
+            "forward_s": [r["forward_s"] for r in rows],
+            "scores_s": [r["scores_s"] for r in rows],
+        },
         "logme_d2048": time_scores(images),
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance.collect() | {"numpy": np.__version__},

@@ -26,11 +26,35 @@ from pathlib import Path
 import lightning as L
 
 REPO = Path(__file__).resolve().parents[1]
-WATCHED = ("matplotlib", "tensorboard", "optuna", "submitit", "torchvision", "torchvision.models", "scipy.signal",
-           "torch._dynamo", "pandas", "sklearn", "rich", "torchmetrics", "lightning", "torch", "hydra")
-ARGS = ["data.source.source_classes=6", "data.source.train_per_class=20", "data.source.test_per_class=5",
-        "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc", "cache=false",
-        "stages.source.epochs=1", "+callbacks.startup_probe._target_=bench_startup.FirstStepProbe"]
+WATCHED = (
+    "matplotlib",
+    "tensorboard",
+    "optuna",
+    "submitit",
+    "torchvision",
+    "torchvision.models",
+    "scipy.signal",
+    "torch._dynamo",
+    "pandas",
+    "sklearn",
+    "rich",
+    "torchmetrics",
+    "lightning",
+    "torch",
+    "hydra",
+)
+ARGS = [
+    "data.source.source_classes=6",
+    "data.source.train_per_class=20",
+    "data.source.test_per_class=5",
+    "~stages.pretrain",
+    "~stages.finetune",
+    "~stages.scratch",
+    "objective=source/test/acc",
+    "cache=false",
+    "stages.source.epochs=1",
+    "+callbacks.startup_probe._target_=bench_startup.FirstStepProbe",
+]
 
 
 class FirstStepProbe(L.Callback):
@@ -50,14 +74,18 @@ def cpu_seconds() -> float:
 def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, float, str]:
     """(wall seconds to the first step, CPU seconds the process used, its stderr)"""
     probe = tmp / f"probe{n}"
-    env = dict(os.environ, STARTUP_PROBE=str(probe),
-               PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        STARTUP_PROBE=str(probe),
+        PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
     script = Path(sys.executable).parent / "transferlab"
     start, cpu = time.time(), cpu_seconds()
-    proc = subprocess.run([str(script), *ARGS, f"hydra.run.dir={tmp / f'run{n}'}"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [str(script), *ARGS, f"hydra.run.dir={tmp / f'run{n}'}"], env=env, capture_output=True, text=True, timeout=600
+    )
     if not probe.is_file():
         raise SystemExit(f"no training step was reached (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return float(probe.read_text()) - start, cpu_seconds() - cpu, proc.stderr
@@ -83,12 +111,18 @@ def main() -> None:
         rounds = [one_round(Path(tmp), i) for i in range(1, args.rounds + 1)]
         _, _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
     times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
-    result = {"to_first_step_s": {"median": round(statistics.median(times), 2), "min": round(min(times), 2),
-                                  "rounds": [round(t, 2) for t in times]},
-              # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
-              "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
-              "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},
-              "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    result = {
+        "to_first_step_s": {
+            "median": round(statistics.median(times), 2),
+            "min": round(min(times), 2),
+            "rounds": [round(t, 2) for t in times],
+        },
+        # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
+        "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
+        "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},
+        "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

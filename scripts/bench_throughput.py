@@ -28,8 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"convnet": {"name": "convnet"}, "resnet18": {"name": "resnet18", "small_input": True}}
 
 
-def measure(model_name: str, batch: int, bf16: bool, channels_last: bool, compiled: bool, device: torch.device,
-            seconds: float, warmup: int) -> float:
+def measure(
+    model_name: str,
+    batch: int,
+    bf16: bool,
+    channels_last: bool,
+    compiled: bool,
+    device: torch.device,
+    seconds: float,
+    warmup: int,
+) -> float:
     torch.manual_seed(0)
     backbone, features = build_backbone(**MODELS[model_name])
     model = nn.Sequential(backbone, nn.Linear(features, 10)).to(device)
@@ -100,13 +108,24 @@ def main() -> None:
     for model, batch, bf16, cl, compiled in configurations(args, device):
         warmup = 3 if not compiled else 5
         ips = measure(model, batch, bf16, cl, compiled, device, args.seconds, warmup)
-        row = {"model": model, "batch": batch, "precision": "bf16-mixed" if bf16 else "32-true",
-               "channels_last": cl, "compile": compiled, "img_s": round(ips, 1), "load_average": os.getloadavg()[0]}
+        row = {
+            "model": model,
+            "batch": batch,
+            "precision": "bf16-mixed" if bf16 else "32-true",
+            "channels_last": cl,
+            "compile": compiled,
+            "img_s": round(ips, 1),
+            "load_average": os.getloadavg()[0],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "cpu_bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS if f in flags), "rows": rows}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cpu_bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS if f in flags),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -34,19 +34,38 @@ SCORES = ("logme", "leep", "nce", "hscore")
 
 def train_source(data: list[str], name: str, overrides: list[str], epochs: int, out, extra) -> str | None:
     run = out / "sources" / name
-    rc, _ = transferlab(*data, f"recipe={recipe('mission')}", "~stages.pretrain", "~stages.finetune",
-                        "~stages.scratch", f"stages.source.epochs={epochs}", "objective=source/test/acc",
-                        "cache=false", "seed=0", f"hydra.run.dir={run}", *overrides, *extra,
-                        log=run.with_suffix(".log"))
+    rc, _ = transferlab(
+        *data,
+        f"recipe={recipe('mission')}",
+        "~stages.pretrain",
+        "~stages.finetune",
+        "~stages.scratch",
+        f"stages.source.epochs={epochs}",
+        "objective=source/test/acc",
+        "cache=false",
+        "seed=0",
+        f"hydra.run.dir={run}",
+        *overrides,
+        *extra,
+        log=run.with_suffix(".log"),
+    )
     ckpt = run / "source" / "checkpoints" / "best.ckpt"
     return str(ckpt) if rc == 0 and ckpt.is_file() else None
 
 
 def finetune(data: list[str], name: str, ckpt: str, seed: int, out, quick: bool, extra) -> float | None:
     run = out / "finetune" / f"{name}-seed{seed}"
-    rc, _ = transferlab(*data, f"recipe={recipe('mission')}", f"stages.source.result_ckpt={ckpt}", "~stages.scratch",
-                        f"seed={seed}", f"hydra.run.dir={run}", *(["trainer.max_epochs_per_stage=2"] if quick else []), *extra,
-                        log=run.with_suffix(".log"))
+    rc, _ = transferlab(
+        *data,
+        f"recipe={recipe('mission')}",
+        f"stages.source.result_ckpt={ckpt}",
+        "~stages.scratch",
+        f"seed={seed}",
+        f"hydra.run.dir={run}",
+        *(["trainer.max_epochs_per_stage=2"] if quick else []),
+        *extra,
+        log=run.with_suffix(".log"),
+    )
     results = run / "results.json"
     return json.loads(results.read_text()).get("finetune/test/acc") if rc == 0 and results.is_file() else None
 
@@ -59,29 +78,54 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     seeds = [args.seeds[0]] if args.quick else args.seeds
     data, out, env = split_data(cifar_root(args.root)), BENCH / "runs" / f"rank_study-{stamp()}", environment()
-    sources = {name: train_source(data, name, o, e[1] if args.quick else e[0], out, extra)
-               for name, (o, e) in CANDIDATES.items()}
+    sources = {
+        name: train_source(data, name, o, e[1] if args.quick else e[0], out, extra)
+        for name, (o, e) in CANDIDATES.items()
+    }
     trained = {name: ckpt for name, ckpt in sources.items() if ckpt}
-    accs = {name: [finetune(data, name, ckpt, s, out, args.quick, extra) for s in seeds]
-            for name, ckpt in trained.items()}
+    accs = {
+        name: [finetune(data, name, ckpt, s, out, args.quick, extra) for s in seeds] for name, ckpt in trained.items()
+    }
     results = out / "finetuned.json"
     results.write_text(json.dumps({n: [a for a in v if a is not None] for n, v in accs.items()}))
     candidates = "{" + ",".join(f"{n}:'{p}'" for n, p in trained.items()) + "}"
     rank_dir = out / "rank"
-    rc, rank_wall = transferlab(*data, "task=target", f"candidates={candidates}", f"results={results}", "seed=0",
-                                f"hydra.run.dir={rank_dir}", *extra, module="transferlab.rank",
-                                log=out / "rank.log")
+    rc, rank_wall = transferlab(
+        *data,
+        "task=target",
+        f"candidates={candidates}",
+        f"results={results}",
+        "seed=0",
+        f"hydra.run.dir={rank_dir}",
+        *extra,
+        module="transferlab.rank",
+        log=out / "rank.log",
+    )
     ranking = json.loads((rank_dir / "ranking.json").read_text()) if (rank_dir / "ranking.json").is_file() else {}
     correlations = ranking.get("correlations", {})
     best = max(correlations, key=lambda s: correlations[s]["kendall_tau"] or -2, default=None)
-    report = {"what": __doc__.splitlines()[0], "quick": args.quick, "seeds": seeds,
-              "candidates": {n: {"overrides": o, "epochs": e[1] if args.quick else e[0], "checkpoint": sources[n],
-                                 "finetuned_test_acc": mean_std(accs.get(n, [None] * len(seeds)))}
-                             for n, (o, e) in CANDIDATES.items()},
-              "rank_exit_code": rc, "rank_wall_time_s": rank_wall, "scores": ranking.get("candidates"),
-              "correlations": correlations, "best_score": best,
-              "best_tau_at_least_0.6": None if best is None else correlations[best]["kendall_tau"] >= 0.6,
-              "run_dir": str(out), "environment": env}
+    report = {
+        "what": __doc__.splitlines()[0],
+        "quick": args.quick,
+        "seeds": seeds,
+        "candidates": {
+            n: {
+                "overrides": o,
+                "epochs": e[1] if args.quick else e[0],
+                "checkpoint": sources[n],
+                "finetuned_test_acc": mean_std(accs.get(n, [None] * len(seeds))),
+            }
+            for n, (o, e) in CANDIDATES.items()
+        },
+        "rank_exit_code": rc,
+        "rank_wall_time_s": rank_wall,
+        "scores": ranking.get("candidates"),
+        "correlations": correlations,
+        "best_score": best,
+        "best_tau_at_least_0.6": None if best is None else correlations[best]["kendall_tau"] >= 0.6,
+        "run_dir": str(out),
+        "environment": env,
+    }
     for n, c in report["candidates"].items():
         print(f"{n}: fine-tuned test acc {fmt(c['finetuned_test_acc'])}")
     print(json.dumps(correlations, indent=1))
@@ -90,8 +134,10 @@ def main() -> None:
 
 def figure(ranking: dict):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(SCORES), figsize=(14, 3.5))
     rows = [r for r in ranking.get("candidates", []) if r.get("finetuned_acc") is not None]
     for ax, score in zip(axes, SCORES):
@@ -100,8 +146,9 @@ def figure(ranking: dict):
             ax.annotate(r["candidate"], (r[score], r["finetuned_acc"] * 100), fontsize=6)
         c = ranking.get("correlations", {}).get(score, {})
         tau, r_ = c.get("kendall_tau"), c.get("pearson_r")
-        ax.set_title(f"{score}: tau={tau if tau is None else round(tau, 2)}, r={r_ if r_ is None else round(r_, 2)}",
-                     fontsize=8)
+        ax.set_title(
+            f"{score}: tau={tau if tau is None else round(tau, 2)}, r={r_ if r_ is None else round(r_, 2)}", fontsize=8
+        )
         ax.set_xlabel(score)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fine-tuned test acc (%)")

@@ -51,14 +51,16 @@ def transferlab(*args: str, log: Path | None = None, module: str = "transferlab.
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") if log else open(os.devnull, "w") as out:
-        proc = subprocess.run(command, cwd=REPO, env=env, stdout=out if log else None,
-                              stderr=subprocess.STDOUT if log else None)
+        proc = subprocess.run(
+            command, cwd=REPO, env=env, stdout=out if log else None, stderr=subprocess.STDOUT if log else None
+        )
     return proc.returncode, round(time.time() - start, 1)
 
 
 def environment() -> dict:
     """Machine, versions and code: where the numbers come from (as each run's manifest records them)."""
     from transferlab import provenance
+
     info = provenance.collect()
     info["load_average_at_start"] = os.getloadavg()
     return info
@@ -67,8 +69,12 @@ def environment() -> dict:
 def mean_std(values: list[float]) -> dict:
     """Mean, sample standard deviation (ddof=1) and n of the finite values."""
     xs = [v for v in values if v is not None and v == v]
-    return {"mean": statistics.fmean(xs) if xs else None, "std": statistics.stdev(xs) if len(xs) > 1 else None,
-            "n": len(xs), "of": len(values)}
+    return {
+        "mean": statistics.fmean(xs) if xs else None,
+        "std": statistics.stdev(xs) if len(xs) > 1 else None,
+        "n": len(xs),
+        "of": len(values),
+    }
 
 
 def fmt(stat: dict, scale: float = 100.0) -> str:

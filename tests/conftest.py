@@ -20,14 +20,24 @@ SHARED_DATA = Path(os.environ.get("TRANSFERLAB_SHARED_DATA", REPO.parent / "shar
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "cifar10").is_dir(),
     reason=f"the real-data copy is not at {SHARED_DATA}: set TRANSFERLAB_SHARED_DATA to the folder holding "
-           "cifar10/ and imagenet-sample/ (see ../shared/data/README.md)")
+    "cifar10/ and imagenet-sample/ (see ../shared/data/README.md)",
+)
 
 # The built-in tasks at a size that trains in seconds; every stage 2 epochs (scratch: 4).
 TINY = [
-    "data.source.source_classes=6", "data.source.train_per_class=40", "data.source.test_per_class=10",
-    "data.target.train_per_class=10", "data.target.test_per_class=10", "data.source.eval_batch_size=64",
-    "data.batch_size=16", "stages.source.epochs=2", "stages.pretrain.epochs=2", "stages.finetune.epochs=2",
-    "trainer.enable_progress_bar=false", "logger=csv", "~callbacks.lr_monitor",
+    "data.source.source_classes=6",
+    "data.source.train_per_class=40",
+    "data.source.test_per_class=10",
+    "data.target.train_per_class=10",
+    "data.target.test_per_class=10",
+    "data.source.eval_batch_size=64",
+    "data.batch_size=16",
+    "stages.source.epochs=2",
+    "stages.pretrain.epochs=2",
+    "stages.finetune.epochs=2",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "~callbacks.lr_monitor",
     "cache=false",  # every test trains what it runs; tests/test_cache.py turns the stage cache on
 ]
 
@@ -36,8 +46,10 @@ def compose_config(run_dir: Path, overrides: list[str] = (), config_name: str = 
     """The real Hydra config, as the CLI composes it, with `run_dir` as the run folder (and the stage cache
     next to it)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, f"paths.run_dir={run_dir}",
-                                                           f"paths.output_root={Path(run_dir).parent}"])
+        return compose(
+            config_name=config_name,
+            overrides=[*overrides, f"paths.run_dir={run_dir}", f"paths.output_root={Path(run_dir).parent}"],
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,7 +74,9 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     script = Path(sys.executable).parent / args[0]
     proc = subprocess.run([str(script), *args[1:]], capture_output=True, text=True, cwd=cwd or REPO, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -74,13 +88,34 @@ def write_cifar10(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
         n = n_test if name == "test_batch" else n_train // 5
-        entry = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(i % 10) for i in range(n)], "filenames": [f"{i}.png" for i in range(n)]}
+        entry = {
+            "batch_label": name,
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [int(i % 10) for i in range(n)],
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"], "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f)
+        pickle.dump(
+            {
+                "label_names": [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ],
+                "num_cases_per_batch": n_train // 5,
+                "num_vis": 3072,
+            },
+            f,
+        )
     return root
 
 
@@ -106,21 +141,25 @@ def real_cifar10(tmp_path_factory) -> Path:
     if not (SHARED_DATA / "cifar10").is_dir():
         pytest.skip(f"the real-data copy is not at {SHARED_DATA}: set TRANSFERLAB_SHARED_DATA")
     out = tmp_path_factory.mktemp("cifar10")
-    subprocess.run([sys.executable, str(SHARED_DATA / "cifar10" / "build_cifar10.py"), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SHARED_DATA / "cifar10" / "build_cifar10.py"), str(out)], check=True, capture_output=True
+    )
     return out
 
 
-def write_imagenet32(root: Path, n_train: int = 60, n_val: int = 20, size: int = 32, batches: int = 3,
-                     npz: bool = False, seed: int = 0) -> Path:
+def write_imagenet32(
+    root: Path, n_train: int = 60, n_val: int = 20, size: int = 32, batches: int = 3, npz: bool = False, seed: int = 0
+) -> Path:
     """Downsampled ImageNet in the release layout: `Imagenet{size}_train/train_data_batch_1..` and
     `Imagenet{size}_val/val_data` (pickled dicts, or `.npz`), `data` N x 3*size*size, `labels` 1..1000."""
     rng = np.random.default_rng(seed)
     files = [(f"Imagenet{size}_train", f"train_data_batch_{i}", n_train // batches) for i in range(1, batches + 1)]
     for folder, name, n in [*files, (f"Imagenet{size}_val", "val_data", n_val)]:
         (root / folder).mkdir(parents=True, exist_ok=True)
-        entry = {"data": rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8),
-                 "labels": [int(i % 5) + 1 for i in range(n)]}
+        entry = {
+            "data": rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8),
+            "labels": [int(i % 5) + 1 for i in range(n)],
+        }
         if name.startswith("train"):
             entry["mean"] = entry["data"].mean(0)
         if npz:

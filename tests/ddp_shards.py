@@ -41,9 +41,19 @@ class Recorder(L.LightningModule):
 
 
 if __name__ == "__main__":
-    dm = DownsampledImageNetDataModule(root=sys.argv[1], cache_dir=str(Path(sys.argv[2]) / "cache"),
-                                       val_fraction=0.1, batch_size=8, augment=False)
-    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    dm = DownsampledImageNetDataModule(
+        root=sys.argv[1], cache_dir=str(Path(sys.argv[2]) / "cache"), val_fraction=0.1, batch_size=8, augment=False
+    )
+    trainer = L.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(Recorder(), datamodule=dm)

@@ -25,8 +25,10 @@ class RecordTestMetrics(L.Callback):
 
     def on_test_end(self, trainer, pl_module):
         import json
-        metrics = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith("test/")}
+
+        metrics = {
+            k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
         path = Path(trainer.default_root_dir) / f"test_metrics_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(metrics))
 
@@ -69,6 +71,7 @@ class DiskFullInStage(L.Callback):
             with open(path, "wb") as f:
                 f.write(bytes(data)[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
         trainer.strategy.checkpoint_io._write = write
 
 
@@ -91,6 +94,7 @@ class MarkAndWaitInCheckpointWrite(L.Callback):
                 f.write(bytes(data)[: len(data) // 2])
             Path(self.marker).write_text(str(path))
             time.sleep(120)
+
         io._write = half_then_wait
 
 

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, TINY as TINY_NO_CACHE, compose_config, run_cli
+from conftest import REPO, compose_config, run_cli
+from conftest import TINY as TINY_NO_CACHE
 
-TINY = [o for o in TINY_NO_CACHE if o != "cache=false"]
 from transferlab.pipeline import run
 from transferlab.transfer import load_checkpoint
+
+TINY = [o for o in TINY_NO_CACHE if o != "cache=false"]
 
 
 def manifest(run_dir: Path) -> dict:
@@ -24,7 +26,9 @@ def test_changing_only_the_finetune_lr_reuses_source_and_pretrain(tmp_path):
     run(second)
     stages = manifest(tmp_path / "b")
     assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
-    assert stages["source"]["cached_from"] == str((tmp_path / "cache" / "stages").resolve() / f"source-{stages['source']['config_hash']}")
+    assert stages["source"]["cached_from"] == str(
+        (tmp_path / "cache" / "stages").resolve() / f"source-{stages['source']['config_hash']}"
+    )
     assert not (tmp_path / "b" / "source" / "csv").exists()  # no Trainer ran for source: no training step
     assert stages["source"]["test"] == manifest(tmp_path / "a")["source"]["test"]
     reused = load_checkpoint(tmp_path / "b" / "source" / "checkpoints" / "best.ckpt")["state_dict"]
@@ -41,10 +45,23 @@ def test_cache_false_trains_every_stage(tmp_path):
 
 def test_two_parallel_jobs_train_the_shared_source_stage_once(tmp_path):
     script = Path(sys.executable).parent / "transferlab"
-    jobs = [subprocess.Popen([str(script), *TINY, "~stages.scratch", f"stages.finetune.optimizer.lr={lr}",
-                              f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / name}"],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for name, lr in (("a", 0.01), ("b", 0.02))]
+    jobs = [
+        subprocess.Popen(
+            [
+                str(script),
+                *TINY,
+                "~stages.scratch",
+                f"stages.finetune.optimizer.lr={lr}",
+                f"paths.output_root={tmp_path}",
+                f"hydra.run.dir={tmp_path / name}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, lr in (("a", 0.01), ("b", 0.02))
+    ]
     for job in jobs:
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, out[-3000:]
@@ -57,8 +74,17 @@ def test_two_parallel_jobs_train_the_shared_source_stage_once(tmp_path):
 def test_a_given_source_checkpoint_replaces_the_source_stage(tmp_path):
     run(compose_config(tmp_path / "a", [*TINY, "~stages.scratch", "~stages.finetune", "~stages.pretrain"]))
     given = tmp_path / "a" / "source" / "checkpoints" / "best.ckpt"
-    cfg = compose_config(tmp_path / "b", [*TINY, "~stages.scratch", "~stages.finetune", "cache=false",
-                                          f"stages.source.result_ckpt={given}", "objective=pretrain/test/acc"])
+    cfg = compose_config(
+        tmp_path / "b",
+        [
+            *TINY,
+            "~stages.scratch",
+            "~stages.finetune",
+            "cache=false",
+            f"stages.source.result_ckpt={given}",
+            "objective=pretrain/test/acc",
+        ],
+    )
     run(cfg)
     stages = manifest(tmp_path / "b")
     assert stages["source"]["given_ckpt"] and stages["source"]["best_ckpt"] == str(given.resolve())
@@ -67,6 +93,11 @@ def test_a_given_source_checkpoint_replaces_the_source_stage(tmp_path):
 
 
 def test_a_given_checkpoint_that_does_not_exist_is_named(tmp_path):
-    proc = run_cli("transferlab", *TINY, f"stages.source.result_ckpt={tmp_path}/nope.ckpt",
-                   f"hydra.run.dir={tmp_path}/r", check=False)
+    proc = run_cli(
+        "transferlab",
+        *TINY,
+        f"stages.source.result_ckpt={tmp_path}/nope.ckpt",
+        f"hydra.run.dir={tmp_path}/r",
+        check=False,
+    )
     assert proc.returncode == 2 and f"stages.source.result_ckpt={tmp_path}/nope.ckpt does not exist" in proc.stderr

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import TINY, run_cli
 
 
@@ -29,9 +28,14 @@ def test_eval_agrees_with_the_pipelines_test_metrics(cli_run):
     run_dir, _ = cli_run
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     for stage, task in (("finetune", "target"), ("source", "source")):
-        proc = run_cli("transferlab-eval", f"ckpt={run_dir / manifest[stage]['best_ckpt']}", f"task={task}",
-                       *[o for o in TINY if o.startswith("data.")], "trainer.enable_progress_bar=false",
-                       f"hydra.run.dir={run_dir / ('eval-' + stage)}")
+        proc = run_cli(
+            "transferlab-eval",
+            f"ckpt={run_dir / manifest[stage]['best_ckpt']}",
+            f"task={task}",
+            *[o for o in TINY if o.startswith("data.")],
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir / ('eval-' + stage)}",
+        )
         metrics = json.loads((run_dir / f"eval-{stage}" / "eval.json").read_text())["test"]
         for key in ("acc", "acc_top5", "f1", "auroc", "loss"):
             assert metrics[key] == pytest.approx(manifest[stage]["test"][key], abs=1e-6), (stage, key)
@@ -40,8 +44,13 @@ def test_eval_agrees_with_the_pipelines_test_metrics(cli_run):
 
 def test_eval_refuses_a_checkpoint_for_other_classes(cli_run):
     run_dir, _ = cli_run
-    proc = run_cli("transferlab-eval", f"ckpt={run_dir}/source/checkpoints/best.ckpt", "task=target",
-                   f"hydra.run.dir={run_dir / 'eval-bad'}", check=False)
+    proc = run_cli(
+        "transferlab-eval",
+        f"ckpt={run_dir}/source/checkpoints/best.ckpt",
+        "task=target",
+        f"hydra.run.dir={run_dir / 'eval-bad'}",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "classifies 6 classes but data.target has 10" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -58,10 +67,19 @@ def test_rerun_of_a_finished_run_skips_every_stage(cli_run):
 
 def test_missing_cifar_root_is_one_clear_message(tmp_path):
     missing = tmp_path / "no-cifar"
-    proc = run_cli("transferlab", "data=builtin_cifar10", f"data.target.root={missing}",
-                   *[o for o in TINY if not o.startswith("data.")],
-                   f"hydra.run.dir={tmp_path / 'run'}", "~stages.source", "~stages.pretrain", "~stages.finetune",
-                   "stages.scratch.epochs=1", "objective=scratch/test/acc", check=False)
+    proc = run_cli(
+        "transferlab",
+        "data=builtin_cifar10",
+        f"data.target.root={missing}",
+        *[o for o in TINY if not o.startswith("data.")],
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "~stages.source",
+        "~stages.pretrain",
+        "~stages.finetune",
+        "stages.scratch.epochs=1",
+        "objective=scratch/test/acc",
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"CIFAR-10 not found at {missing}" in proc.stderr
     assert "cifar-10-batches-py/{data_batch_1..5" in proc.stderr and "download=true" in proc.stderr
@@ -69,9 +87,20 @@ def test_missing_cifar_root_is_one_clear_message(tmp_path):
 
 
 def test_missing_objective_lists_the_metrics(tmp_path):
-    proc = run_cli("transferlab", *TINY, "~stages.source", "~stages.pretrain", "~stages.finetune",
-                   "stages.scratch.epochs=1", "objective=finetune/test/acc", f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_cli(
+        "transferlab",
+        *TINY,
+        "~stages.source",
+        "~stages.pretrain",
+        "~stages.finetune",
+        "stages.scratch.epochs=1",
+        "objective=finetune/test/acc",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
     assert proc.returncode == 2
-    assert ("objective='finetune/test/acc' is not a metric this run will produce. It produces <stage>/test/<metric> "
-            "for the stages scratch, <metric> one of acc, acc_top5, f1, auroc") in proc.stderr
+    assert (
+        "objective='finetune/test/acc' is not a metric this run will produce. It produces <stage>/test/<metric> "
+        "for the stages scratch, <metric> one of acc, acc_top5, f1, auroc"
+    ) in proc.stderr
     assert not (tmp_path / "scratch").exists()  # refused before training (it was refused after, until issue 8)

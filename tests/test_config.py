@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, run_cli
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_cli
 from transferlab.cli import CONF_DIR
 
 GROUPS = ["data", "model", "recipe", "trainer", "logger", "callbacks", "paths", "experiment", "debug"]

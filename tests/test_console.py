@@ -4,8 +4,14 @@ run, one line per skipped stage, the results and the run folder at the end; verb
 import pytest
 from conftest import TINY, run_cli
 
-TWO_STAGES = [*[o for o in TINY if o != "trainer.enable_progress_bar=false"], "~stages.finetune", "~stages.scratch",
-              "objective=pretrain/test/acc", "stages.source.epochs=1", "stages.pretrain.epochs=1"]
+TWO_STAGES = [
+    *[o for o in TINY if o != "trainer.enable_progress_bar=false"],
+    "~stages.finetune",
+    "~stages.scratch",
+    "objective=pretrain/test/acc",
+    "stages.source.epochs=1",
+    "stages.pretrain.epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +23,14 @@ def console_run(tmp_path_factory):
 def test_each_stage_has_one_header_line_and_a_named_bar(console_run):
     run_dir, proc = console_run
     lines = proc.stdout.splitlines()
-    assert ("stage 1/2 source · source BuiltinDataModule 6 classes · 216 train / 24 val · random init · 1 epoch · "
-            "sgd lr 0.01") in lines
-    assert ("stage 2/2 pretrain · target BuiltinDataModule 10 classes · 80 train / 20 val · init source best.ckpt "
-            "(new head) · 1 epoch · sgd lr 0.01") in lines
+    assert (
+        "stage 1/2 source · source BuiltinDataModule 6 classes · 216 train / 24 val · random init · 1 epoch · "
+        "sgd lr 0.01"
+    ) in lines
+    assert (
+        "stage 2/2 pretrain · target BuiltinDataModule 10 classes · 80 train / 20 val · init source best.ckpt "
+        "(new head) · 1 epoch · sgd lr 0.01"
+    ) in lines
     assert "source 1/2 · epoch 1/1" in proc.stdout and "pretrain 2/2 · test" in proc.stdout
     assert "Epoch 1/1" not in proc.stdout and "v_num" not in proc.stdout
     assert f"Results ({run_dir})" in proc.stdout and "| pretrain | target | source |" in proc.stdout
@@ -56,6 +66,7 @@ def test_the_bar_redraws_by_time_not_by_step():
     import time
 
     from transferlab.console import StageProgressBar
+
     bar = StageProgressBar("source 1/4", refresh_per_second=2)
     assert bar._due(1, 100)  # the first step draws
     assert not any(bar._due(n, 100) for n in range(2, 99))  # the steps within the next 0.5 s don't

@@ -33,8 +33,12 @@ def test_builtin_target_classes_are_blends_of_source_classes():
     source = BuiltinDataModule(task="source", source_classes=8)
     target = BuiltinDataModule(task="target", source_classes=8)
     assert source.num_classes == 8 and target.num_classes == 10
-    blends = {(i, j) for i in range(8) for j in range(i + 1, 8)
-              if torch.allclose((source.prototypes[i] + source.prototypes[j]) / 2, target.prototypes[0])}
+    blends = {
+        (i, j)
+        for i in range(8)
+        for j in range(i + 1, 8)
+        if torch.allclose((source.prototypes[i] + source.prototypes[j]) / 2, target.prototypes[0])
+    }
     assert len(blends) == 1
 
 
@@ -157,6 +161,7 @@ def test_memory_loader_shards_are_disjoint_and_cover_the_data():
     dm = BuiltinDataModule(task="target", train_per_class=10, val_fraction=0.0, batch_size=7)
     dm.setup()
     from transferlab.data.inputs import InMemoryBatches
+
     images, labels = dm.splits["train"]
     seen = []
     for rank in range(2):
@@ -185,6 +190,7 @@ def test_random_crop_flip_statistics():
 
 def test_memory_path_augments_in_training_only_deterministically_per_seed_and_epoch():
     from types import SimpleNamespace
+
     images = torch.arange(32, dtype=torch.uint8).mul(4).repeat(200, 3, 32, 1)  # pixel value = 4 x column
     batch = (images, torch.zeros(200, dtype=torch.long))
 

@@ -60,6 +60,7 @@ def test_fingerprint_changes_on_an_in_place_edit_with_size_mtime_and_inode_kept(
 
 def test_fingerprint_rerun_reads_only_changed_files(tmp_path, monkeypatch):
     from transferlab.data import fingerprint
+
     monkeypatch.setattr(fingerprint, "RACY_S", 0.0)  # files changed just now are indexed too
     cifar(tmp_path).fingerprint()
     read = []
@@ -76,20 +77,23 @@ def test_fingerprint_rerun_reads_only_changed_files(tmp_path, monkeypatch):
 
 
 # -- checks where the data is built ------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(classes=[3, 3]), r"classes lists \[3\] more than once"),
-    (dict(classes=["cat", 3]), "more than once"),
-    (dict(classes=[]), r"classes=\[\] selects no class"),
-    (dict(classes=[10]), r"\[10\] is not a class of this dataset \(class ids 0..9; class names: airplane"),
-    (dict(classes=["kitten"]), "'kitten'.* not a class"),
-    (dict(classes=True), "give null"),
-    (dict(samples_per_class=0), "samples_per_class must be a whole number >= 1"),
-    (dict(samples_per_class=-1), "samples_per_class must be a whole number >= 1"),
-    (dict(samples_per_class=1.5), "samples_per_class must be a whole number >= 1"),
-    (dict(samples_per_class="abc"), "samples_per_class must be a whole number"),
-    (dict(batch_size=True), "batch_size must be a whole number"),
-    (dict(label_fraction=0), r"label_fraction must be a number in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(classes=[3, 3]), r"classes lists \[3\] more than once"),
+        (dict(classes=["cat", 3]), "more than once"),
+        (dict(classes=[]), r"classes=\[\] selects no class"),
+        (dict(classes=[10]), r"\[10\] is not a class of this dataset \(class ids 0..9; class names: airplane"),
+        (dict(classes=["kitten"]), "'kitten'.* not a class"),
+        (dict(classes=True), "give null"),
+        (dict(samples_per_class=0), "samples_per_class must be a whole number >= 1"),
+        (dict(samples_per_class=-1), "samples_per_class must be a whole number >= 1"),
+        (dict(samples_per_class=1.5), "samples_per_class must be a whole number >= 1"),
+        (dict(samples_per_class="abc"), "samples_per_class must be a whole number"),
+        (dict(batch_size=True), "batch_size must be a whole number"),
+        (dict(label_fraction=0), r"label_fraction must be a number in \(0, 1\]"),
+    ],
+)
 def test_bad_class_and_sample_settings_are_named(tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message):
         cifar(tmp_path, **kwargs).setup()
@@ -146,8 +150,10 @@ def test_an_unreadable_folder_is_not_called_empty(tmp_path, dataset):
             p.chmod(0o755 if p.is_dir() else 0o644)
         (root / "train" / "n02").chmod(0)
         module = "ImageFolderDataModule" if dataset == "image_folder" else "ImageNetDataModule"
-        proc = run_as_nobody(f"from transferlab.data import {module}\nfrom transferlab.errors import UserError\n"
-                             f"try:\n    {module}(root='{root}').setup()\nexcept UserError as e:\n    print(e)")
+        proc = run_as_nobody(
+            f"from transferlab.data import {module}\nfrom transferlab.errors import UserError\n"
+            f"try:\n    {module}(root='{root}').setup()\nexcept UserError as e:\n    print(e)"
+        )
         assert f"Cannot read class folder {root / 'train' / 'n02'}: permission denied" in proc.stdout, proc.stderr
         assert "needs at least one image" not in proc.stdout
     finally:
@@ -161,10 +167,12 @@ def test_an_unreadable_cifar_file_is_not_called_corrupt():
         for p in [base, folder, *folder.iterdir()]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         (folder / "data_batch_2").chmod(0)
-        proc = run_as_nobody("from transferlab.data import CIFAR10DataModule\n"
-                             "from transferlab.errors import UserError\n"
-                             f"try:\n    CIFAR10DataModule(root='{base}', val_fraction=0.5).setup()\n"
-                             "except UserError as e:\n    print(e)")
+        proc = run_as_nobody(
+            "from transferlab.data import CIFAR10DataModule\n"
+            "from transferlab.errors import UserError\n"
+            f"try:\n    CIFAR10DataModule(root='{base}', val_fraction=0.5).setup()\n"
+            "except UserError as e:\n    print(e)"
+        )
         assert f"Cannot read CIFAR-10 file {folder / 'data_batch_2'}: permission denied" in proc.stdout, proc.stderr
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
@@ -178,11 +186,18 @@ def write_cifar100(root: Path, n_train=200, n_test=100) -> Path:
     rng = np.random.default_rng(0)
     for name, n in (("train", n_train), ("test", n_test)):
         fine = [i % 100 for i in range(n)]
-        entry = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name, "fine_labels": fine,
-                 "coarse_labels": [f // 5 for f in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        entry = {
+            "filenames": [f"{i}.png" for i in range(n)],
+            "batch_label": name,
+            "fine_labels": fine,
+            "coarse_labels": [f // 5 for f in fine],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
         (folder / name).write_bytes(pickle.dumps(entry))
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta))
     return root
 
@@ -203,8 +218,9 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
 
 
 def test_image_folder_with_and_without_val_and_test(tmp_path):
-    plain = ImageFolderDataModule(root=str(write_folder(tmp_path / "a", per_class=10)), val_fraction=0.2,
-                                  test_fraction=0.2, batch_size=4)
+    plain = ImageFolderDataModule(
+        root=str(write_folder(tmp_path / "a", per_class=10)), val_fraction=0.2, test_fraction=0.2, batch_size=4
+    )
     assert plain.num_classes == 3 and plain.split_sizes() == {"train": 18, "val": 6, "test": 6}
     x, y = next(iter(plain.train_dataloader()))
     assert x.shape == (4, 3, 32, 32)
@@ -216,13 +232,19 @@ def test_image_folder_with_and_without_val_and_test(tmp_path):
     assert dm.class_ids == [2, 0] and dm.split_sizes() == {"train": 12, "val": 12, "test": 12}
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda r: r.mkdir(), "has no train/ folder"),
-    (lambda r: (r / "ant").mkdir(parents=True), r"holds the folders \['ant'\]: if these are the classes, move them"),
-    (lambda r: (r / "train").mkdir(parents=True) or (r / "train" / "x.png").write_bytes(b""), "holds files"),
-    (lambda r: write_folder(r) and (r / "train" / "dog").mkdir(), "needs at least one image"),
-    (lambda r: write_folder(r, splits=("train", "val")) and (r / "val" / "eel").mkdir(), r"lacks: \['eel'\]"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: r.mkdir(), "has no train/ folder"),
+        (
+            lambda r: (r / "ant").mkdir(parents=True),
+            r"holds the folders \['ant'\]: if these are the classes, move them",
+        ),
+        (lambda r: (r / "train").mkdir(parents=True) or (r / "train" / "x.png").write_bytes(b""), "holds files"),
+        (lambda r: write_folder(r) and (r / "train" / "dog").mkdir(), "needs at least one image"),
+        (lambda r: write_folder(r, splits=("train", "val")) and (r / "val" / "eel").mkdir(), r"lacks: \['eel'\]"),
+    ],
+)
 def test_image_folder_bad_layouts_are_named(tmp_path, make, message):
     make(tmp_path / "r")
     with pytest.raises(UserError, match=message):
@@ -255,8 +277,9 @@ def test_every_dataset_composes_as_source_and_target(tmp_path, dataset, role):
 
 def test_cifar10_split_preset(tmp_path):
     root = write_cifar10(tmp_path / "d", n_train=500, n_test=100)
-    cfg = compose_config(tmp_path / "run", ["data=cifar10_split", f"data.root={root}",
-                                            "data.target.samples_per_class=5"])
+    cfg = compose_config(
+        tmp_path / "run", ["data=cifar10_split", f"data.root={root}", "data.target.samples_per_class=5"]
+    )
     source, target = build(cfg.data.source), build(cfg.data.target)
     assert source.class_ids == [0, 1, 2, 3, 4] and target.class_ids == [5, 6, 7, 8, 9]
     assert source.split_sizes() == {"train": 225, "val": 25, "test": 50}
@@ -267,8 +290,13 @@ def test_cifar10_split_preset(tmp_path):
 def test_device_resident_gives_identical_batches(tmp_path):
     def batches(**kwargs):
         dm = cifar(tmp_path, batch_size=7, augment=True, **kwargs)
-        dm.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0, world_size=1,
-                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        dm.trainer = SimpleNamespace(
+            training=True,
+            current_epoch=1,
+            global_rank=0,
+            world_size=1,
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        )
         loader = dm.train_dataloader()
         return dm, [dm.on_after_batch_transfer(b, 0) for b in loader]
 
@@ -289,10 +317,18 @@ def test_device_resident_under_a_real_trainer(tmp_path):
 
     from transferlab.data import BuiltinDataModule
     from transferlab.module import ClassifierModule
+
     dm = BuiltinDataModule(task="target", train_per_class=10, test_per_class=5, batch_size=8, device_resident=True)
-    module = ClassifierModule(model={"name": "convnet"}, num_classes=dm.num_classes,
-                              optimizer={"name": "sgd", "lr": 0.01})
-    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    module = ClassifierModule(
+        model={"name": "convnet"}, num_classes=dm.num_classes, optimizer={"name": "sgd", "lr": 0.01}
+    )
+    trainer = L.Trainer(
+        fast_dev_run=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     assert ("train", torch.device("cpu")) in dm._resident and ("val", torch.device("cpu")) in dm._resident

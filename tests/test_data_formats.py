@@ -124,6 +124,7 @@ def test_memory_and_workers_paths_agree_on_imagenet32(tmp_path):
 
 def test_cache_is_reused_then_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     from transferlab.data import imagenet_downsampled
+
     root = write_imagenet32(tmp_path / "in")
     reads = []
     real_read = imagenet_downsampled.read_batch
@@ -164,9 +165,11 @@ def write_devkit_layout(root: Path, meta: str = "bin") -> tuple[Path, list[str]]
         torch.save((names, val_wnids), root / "meta.bin")
     else:  # the devkit archive, as torchvision's own tests build it
         import scipy.io
-        synsets = np.array([(i + 1, w, names[w][0], "", 0) for i, w in enumerate(WNIDS)],
-                           dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
-                                  ("num_children", "O")])
+
+        synsets = np.array(
+            [(i + 1, w, names[w][0], "", 0) for i, w in enumerate(WNIDS)],
+            dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")],
+        )
         mat, truth = io.BytesIO(), "".join(f"{WNIDS.index(w) + 1}\n" for w in val_wnids).encode()
         scipy.io.savemat(mat, {"synsets": synsets})
         with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
@@ -182,6 +185,7 @@ def test_imagenet_devkit_layout_matches_the_folder_layout(tmp_path, monkeypatch,
     if meta == "archive":
         pytest.importorskip("scipy")
         from torchvision.datasets import imagenet
+
         monkeypatch.setattr(imagenet, "_verify_archive", lambda *a: None)  # ours is not the official file's md5
     root, val_wnids = write_devkit_layout(tmp_path / "official", meta)
     before = sorted(str(p) for p in root.rglob("*"))
@@ -196,8 +200,10 @@ def test_imagenet_devkit_layout_matches_the_folder_layout(tmp_path, monkeypatch,
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (4, 3, 32, 32)
     ours = sorted((int(label), image.sum().item()) for image, label in (test[i] for i in range(len(test))))
-    theirs = sorted((int(label), image.sum().item()) for image, label in
-                    (reference.splits["test"][i] for i in range(len(reference.splits["test"]))))
+    theirs = sorted(
+        (int(label), image.sum().item())
+        for image, label in (reference.splits["test"][i] for i in range(len(reference.splits["test"])))
+    )
     assert [label for label, _ in ours] == [label for label, _ in theirs]
     assert np.allclose([s for _, s in ours], [s for _, s in theirs])
     assert test.data.classes[0] == ("class n01440764",)  # class names from the devkit
@@ -227,8 +233,9 @@ def test_real_imagenet_sample_in_the_devkit_layout(tmp_path):
     dm.setup()
     test = dm.splits["test"]
     assert len(test) == 1300
-    assert [test.data.samples[i][1] for i in test.indices] == \
-        [wnids.index(p.parent.name) for p in sorted(val, key=lambda p: (p.parent.name, p.name))]
+    assert [test.data.samples[i][1] for i in test.indices] == [
+        wnids.index(p.parent.name) for p in sorted(val, key=lambda p: (p.parent.name, p.name))
+    ]
     modes = {}
     for image, _ in (test.data[i] for i in range(0, 1300, 13)):
         modes[image.mode] = modes.get(image.mode, 0) + 1
@@ -271,14 +278,22 @@ def test_unreadable_jpeg_is_skipped_and_counted(tmp_path, caplog):
 def test_two_ddp_ranks_read_disjoint_shards_that_cover_the_dataset(tmp_path):
     root = write_imagenet32(tmp_path / "in", n_train=93, n_val=10)  # 3 batch files of 31
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_shards.py"), str(root), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_shards.py"), str(root), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     n_train = 83  # 93 less 2 per class (of 5) held out for validation
     for epoch in ("0", "1"):
         a, b = set(seen[0][epoch]), set(seen[1][epoch])
-        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 42  # ceil(83 / 2): padded by wrapping, as DistributedSampler
+        assert (
+            len(seen[0][epoch]) == len(seen[1][epoch]) == 42
+        )  # ceil(83 / 2): padded by wrapping, as DistributedSampler
         assert len(a | b) == n_train and len(a & b) == 1  # the one padding sample
     assert seen[0]["0"] != seen[0]["1"]  # reshuffled each epoch
     assert len(list((tmp_path / "cache").glob("imagenet32_train*-*"))) == 1  # the ranks shared one cache entry

@@ -31,9 +31,15 @@ def start_and_wait(run_dir: Path, step: int = 20) -> subprocess.Popen:
     """Start the CLI (source stage only) and return once it waits at global step `step` of the source stage (14
     steps an epoch: step 20 is in epoch 1, after epoch 0's last.ckpt)."""
     marker = run_dir.parent / f"marker-{run_dir.name}-{time.time_ns()}"
-    args = [str(Path(sys.executable).parent / "transferlab"), *SOURCE_ONLY, f"hydra.run.dir={run_dir}",
-            "+callbacks.wait._target_=helpers.MarkAndWaitAtStep", "+callbacks.wait.stage=source",
-            f"+callbacks.wait.step={step}", f"+callbacks.wait.marker={marker}"]
+    args = [
+        str(Path(sys.executable).parent / "transferlab"),
+        *SOURCE_ONLY,
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.wait._target_=helpers.MarkAndWaitAtStep",
+        "+callbacks.wait.stage=source",
+        f"+callbacks.wait.step={step}",
+        f"+callbacks.wait.marker={marker}",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not marker.exists():
@@ -45,8 +51,9 @@ def start_and_wait(run_dir: Path, step: int = 20) -> subprocess.Popen:
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / args[0]
-    return subprocess.run([str(script), *args[1:]], capture_output=True, text=True, cwd=REPO, env=env or ENV,
-                          timeout=600)
+    return subprocess.run(
+        [str(script), *args[1:]], capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=600
+    )
 
 
 def stages(run_dir: Path) -> dict:
@@ -73,8 +80,10 @@ def test_sigterm_and_sigint_stop_with_143_and_130_mark_the_stage_interrupted_and
         os.kill(proc.pid, sig)
         _, stderr = proc.communicate(timeout=120)
         line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), code)
-        assert line == (f"transferlab: stopped by {sig.name}: stage 'source' is marked interrupted in {run_dir}/"
-                        f"manifest.json. Re-run the same command into that folder (hydra.run.dir={run_dir}) to resume.")
+        assert line == (
+            f"transferlab: stopped by {sig.name}: stage 'source' is marked interrupted in {run_dir}/"
+            f"manifest.json. Re-run the same command into that folder (hydra.run.dir={run_dir}) to resume."
+        )
         source = stages(run_dir)["source"]
         assert source["status"] == "interrupted" and source["reason"] == f"Interrupted: stopped by {sig.name}"
         assert source["last_ckpt"] == "source/checkpoints/last.ckpt"
@@ -124,10 +133,11 @@ def change_bytes(path: Path) -> str:
     with zipfile.ZipFile(path) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
-    name_len, extra_len = (int.from_bytes(data[info.header_offset + o:info.header_offset + o + 2], "little")
-                           for o in (26, 28))
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + o : info.header_offset + o + 2], "little") for o in (26, 28)
+    )
     at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
     size = path.stat().st_size
     path.write_bytes(bytes(data))
     assert path.stat().st_size == size
@@ -156,8 +166,10 @@ def test_last_checkpoint_with_a_few_bytes_changed_is_not_resumed(interrupted, tm
     changed = []
     run_dir, last, proc = resume_with(interrupted, tmp_path, lambda p: changed.append(change_bytes(p)))
     line = error_line(proc, 2)
-    assert (f"Cannot resume from {last}: the file is corrupt: its part {changed[0]} does not match the CRC-32 "
-            "checksum written with it") in line and "Delete it (the stage then starts over) or restore" in line
+    assert (
+        f"Cannot resume from {last}: the file is corrupt: its part {changed[0]} does not match the CRC-32 "
+        "checksum written with it"
+    ) in line and "Delete it (the stage then starts over) or restore" in line
     assert stages(run_dir)["source"]["status"] == "failed"
 
 
@@ -173,8 +185,12 @@ def test_last_checkpoint_that_would_run_code_is_refused_and_never_runs(interrupt
     line = error_line(proc, 2)
     assert f"Refused to load {last}" in line and "loading it would run code from the file" in line
     assert "posix.system" in line and "Delete it (the stage then starts over)" in line
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(last)!r}, weights_only=False)"], env=env,
-                   check=True, cwd=TESTS)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(last)!r}, weights_only=False)"],
+        env=env,
+        check=True,
+        cwd=TESTS,
+    )
     assert proof.exists()  # the file does run code when unpickled in full
 
 
@@ -197,8 +213,9 @@ def test_given_and_init_checkpoints_that_are_not_checkpoints(tmp_path):
     assert stages(run_dir)["source"]["status"] == "failed"  # not `done`: fixing the file lets the re-run go on
 
     run_dir = tmp_path / "init"
-    line = error_line(cli("transferlab", *SCRATCH_ONLY, f"stages.scratch.init_ckpt={notes}",
-                          f"hydra.run.dir={run_dir}"), 2)
+    line = error_line(
+        cli("transferlab", *SCRATCH_ONLY, f"stages.scratch.init_ckpt={notes}", f"hydra.run.dir={run_dir}"), 2
+    )
     assert f"{notes} is not a PyTorch checkpoint" in line and "Give the path of a good copy" in line
     assert stages(run_dir)["scratch"]["status"] == "failed"
 
@@ -210,6 +227,7 @@ def test_given_and_init_checkpoints_that_are_not_checkpoints(tmp_path):
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory) -> Path:
     from transferlab.module import ClassifierModule
+
     module = ClassifierModule(model={"name": "convnet"}, num_classes=3, optimizer={"name": "sgd", "lr": 0.1})
     path = tmp_path_factory.mktemp("genuine") / "genuine.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
@@ -253,8 +271,11 @@ def test_verify_checkpoint_names_each_kind_of_bad_file(genuine, tmp_path, kind, 
         verify_checkpoint(path, use)
     message = str(caught.value)
     assert fragment in message and (str(path) in message) and "\n" not in message
-    assert {"init": "Give the path of a good copy", "resume": "Delete it (the stage then starts over)",
-            "cache": f"Delete the cache entry {tmp_path}"}[use] in message
+    assert {
+        "init": "Give the path of a good copy",
+        "resume": "Delete it (the stage then starts over)",
+        "cache": f"Delete the cache entry {tmp_path}",
+    }[use] in message
 
 
 def test_verify_checkpoint_passes_good_files(genuine, tmp_path):

@@ -12,8 +12,8 @@ from transferlab import methods
 from transferlab.errors import UserError
 from transferlab.module import ClassifierModule
 from transferlab.pipeline import run
-from transferlab.validation import validate
 from transferlab.transfer import load_checkpoint
+from transferlab.validation import validate
 
 CONVNET = {"name": "convnet"}
 

@@ -12,12 +12,14 @@ from transferlab.metrics import EvalMetrics
 
 def per_step_metrics(num_classes: int) -> MetricCollection:
     """The metrics of ClassifierModule before EvalMetrics: updated with softmax probabilities every step."""
-    return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-        "auroc": MulticlassAUROC(num_classes, average="macro"),
-    })
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+        }
+    )
 
 
 @pytest.mark.parametrize("num_classes,dtype", [(10, torch.float32), (3, torch.float32), (40, torch.bfloat16)])

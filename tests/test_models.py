@@ -17,7 +17,9 @@ def test_convnet_layers_and_split():
     convs = [m for m in module.backbone if isinstance(m, nn.Conv2d)]
     linears = [m for m in module.backbone if isinstance(m, nn.Linear)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
-        (3, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+        (3, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
+    ]
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(64 * 8 * 8, 128)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in module.backbone) == 2
     assert (module.head.in_features, module.head.out_features) == (128, 10)

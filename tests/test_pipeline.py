@@ -20,6 +20,7 @@ def backbone_state(path) -> dict:
 def finished_run(tmp_path_factory):
     """One tiny four-stage run, shared by the tests that only read its outputs."""
     from conftest import TINY, compose_config
+
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
     cfg = compose_config(run_dir, TINY)
     return run_dir, run(cfg)
@@ -71,8 +72,11 @@ def test_head_stage_keeps_the_source_backbone_exactly(tiny_cfg):
 
 
 def test_rerun_skips_done_stages_and_resumes_an_interrupted_one(tiny_cfg):
-    crash = ["+callbacks.crash._target_=helpers.CrashAtEpoch", "+callbacks.crash.stage=finetune",
-             "+callbacks.crash.epoch=1"]
+    crash = [
+        "+callbacks.crash._target_=helpers.CrashAtEpoch",
+        "+callbacks.crash.stage=finetune",
+        "+callbacks.crash.epoch=1",
+    ]
     with pytest.raises(RuntimeError, match="simulated kill of finetune"):
         run(tiny_cfg(*crash))
     cfg = tiny_cfg()
@@ -102,18 +106,22 @@ def validated_epochs(metrics_csv: Path) -> list[str]:
 def test_rerun_with_another_config_is_refused(finished_run):
     run_dir, _ = finished_run
     from conftest import TINY, compose_config
+
     cfg = compose_config(run_dir, [*TINY, "stages.finetune.optimizer.lr=0.5"])
     with pytest.raises(UserError, match="Stage 'finetune' .* was run with another configuration"):
         run(cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("stages.pretrain.init=finetune", "must name an earlier stage"),
-    ("stages.source.task=extra", "has no such task"),
-    ("stages.pretrain.init_head=maybe", "use 'new' or 'keep'"),
-    ("data.target.val_fraction=0.0", "validation split is empty"),
-    ("stages.finetune.init_head=new", None),  # valid: a fresh head on pretrain's backbone
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stages.pretrain.init=finetune", "must name an earlier stage"),
+        ("stages.source.task=extra", "has no such task"),
+        ("stages.pretrain.init_head=maybe", "use 'new' or 'keep'"),
+        ("data.target.val_fraction=0.0", "validation split is empty"),
+        ("stages.finetune.init_head=new", None),  # valid: a fresh head on pretrain's backbone
+    ],
+)
 def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
     cfg = tiny_cfg(override, "~stages.scratch", "trainer.max_epochs_per_stage=1", "trainer.limit_train_batches=1")
     if message is None:
@@ -124,16 +132,18 @@ def test_invalid_stage_settings_are_named(tiny_cfg, override, message):
 
 
 def test_keep_head_with_another_class_count_is_refused(tiny_cfg):
-    cfg = tiny_cfg("stages.pretrain.init_head=keep", "~stages.finetune", "~stages.scratch",
-                   "trainer.max_epochs_per_stage=1")
+    cfg = tiny_cfg(
+        "stages.pretrain.init_head=keep", "~stages.finetune", "~stages.scratch", "trainer.max_epochs_per_stage=1"
+    )
     with pytest.raises(UserError, match="head for another class count.*init_head=new"):
         run(cfg)
 
 
 def test_checkpoint_of_another_architecture_names_the_keys(finished_run):
     run_dir, _ = finished_run
-    resnet = ClassifierModule(model={"name": "resnet18", "small_input": True}, num_classes=10,
-                              optimizer={"name": "sgd", "lr": 0.1})
+    resnet = ClassifierModule(
+        model={"name": "resnet18", "small_input": True}, num_classes=10, optimizer={"name": "sgd", "lr": 0.1}
+    )
     with pytest.raises(UserError) as err:
         init_from_checkpoint(resnet, run_dir / "finetune" / "checkpoints" / "best.ckpt", new_head=False)
     message = str(err.value)
@@ -151,6 +161,7 @@ def test_the_gain_compares_the_stages_named_in_the_config(finished_run, tmp_path
     import shutil
 
     from conftest import TINY, compose_config
+
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
     flat = run(compose_config(run_dir, [*TINY, "gain.compare=pretrain"]))["metrics"]

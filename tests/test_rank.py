@@ -100,23 +100,49 @@ TARGET = [o for o in TINY if o.startswith(("data.target", "data.source.source_cl
 def tiny_run(tmp_path_factory) -> Path:
     """A tiny `transferlab` run: its source stage and its finetune checkpoint are the candidates."""
     from transferlab.pipeline import run
+
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    run(compose_config(run_dir, [*TINY, "stages.source.epochs=1", "stages.pretrain.epochs=1",
-                                 "stages.finetune.epochs=1", "~stages.scratch"]))
+    run(
+        compose_config(
+            run_dir,
+            [
+                *TINY,
+                "stages.source.epochs=1",
+                "stages.pretrain.epochs=1",
+                "stages.finetune.epochs=1",
+                "~stages.scratch",
+            ],
+        )
+    )
     return run_dir
 
 
 def rank_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferlab.rank", *TARGET, f"hydra.run.dir={tmp_path / 'rank'}",
-                           f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferlab.rank",
+            *TARGET,
+            f"hydra.run.dir={tmp_path / 'rank'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def test_rank_command_end_to_end(tiny_run, tmp_path):
     finetuned = tiny_run / "finetune" / "checkpoints" / "best.ckpt"
     (tmp_path / "acc.csv").write_text("candidate,accuracy\nrandom,0.2\nrandom,0.4\nft,0.9\n")
-    proc = rank_cli(tmp_path, f"candidates={{src:{tiny_run},ft:{finetuned},random:random}}",
-                    f"results=[{tiny_run},{tmp_path / 'acc.csv'}]")
+    proc = rank_cli(
+        tmp_path,
+        f"candidates={{src:{tiny_run},ft:{finetuned},random:random}}",
+        f"results=[{tiny_run},{tmp_path / 'acc.csv'}]",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "rank"
     rows = {r["candidate"]: r for r in csv.DictReader(open(out / "ranking.csv"))}
@@ -138,8 +164,12 @@ def test_rank_command_end_to_end(tiny_run, tmp_path):
 
     # again, in-process: every candidate's features come from the cache, the scores are the same
     from transferlab.rank import rank
-    cfg = compose_config(tmp_path / "again", [*TARGET, f"candidates=[{tiny_run},random]",
-                                              f"paths.cache_dir={tmp_path / 'cache'}"], config_name="rank")
+
+    cfg = compose_config(
+        tmp_path / "again",
+        [*TARGET, f"candidates=[{tiny_run},random]", f"paths.cache_dir={tmp_path / 'cache'}"],
+        config_name="rank",
+    )
     again = {r["candidate"]: r for r in rank(cfg)["candidates"]}
     assert again["run"]["logme"] == pytest.approx(float(rows["src"]["logme"]))
     assert again["random"]["forward_s"] < 0.5 and len(list((tmp_path / "cache" / "rank").glob("*.npz"))) == 3
@@ -148,12 +178,15 @@ def test_rank_command_end_to_end(tiny_run, tmp_path):
 def test_rank_refuses_bad_input_with_one_message_and_exit_2(tiny_run, tmp_path, monkeypatch, capsys):
     """The console script's function, in this process (argv as a user types it): exit 2, one line, no traceback."""
     from transferlab.rank import main
+
     state = torch.load(tiny_run / "source" / "checkpoints" / "best.ckpt", weights_only=True)
     state["hyper_parameters"]["model"] = {"name": "resnet18", "small_input": True}
     torch.save(state, tmp_path / "other_arch.ckpt")
-    cases = {f"candidates=[{tmp_path / 'missing.ckpt'},random]": "does not exist",
-             f"candidates=[{tmp_path / 'other_arch.ckpt'}]": "do not fit the architecture",
-             "candidates=[]": "No candidates"}
+    cases = {
+        f"candidates=[{tmp_path / 'missing.ckpt'},random]": "does not exist",
+        f"candidates=[{tmp_path / 'other_arch.ckpt'}]": "do not fit the architecture",
+        "candidates=[]": "No candidates",
+    }
     for override, message in cases.items():
         monkeypatch.setattr(sys, "argv", ["transferlab-rank", *TARGET, override, f"hydra.run.dir={tmp_path / 'r'}"])
         with pytest.raises(SystemExit) as exit_:
@@ -167,6 +200,7 @@ def test_rank_refuses_bad_input_with_one_message_and_exit_2(tiny_run, tmp_path, 
 
 def test_rank_refuses_a_plain_state_dict_and_unmatched_results(tiny_run, tmp_path):
     from transferlab.rank import rank
+
     torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
     compose = lambda *o: compose_config(tmp_path / "r", [*TARGET, *o], config_name="rank")
     with pytest.raises(UserError, match="not a transferlab ClassifierModule checkpoint"):
@@ -182,11 +216,15 @@ def test_results_from_a_sweep_folder_match_candidates_by_checkpoint_content(tiny
     import shutil
 
     from transferlab.rank import rank
+
     copy = tmp_path / "elsewhere" / "source_model.ckpt"
     copy.parent.mkdir()
     shutil.copy(tiny_run / "source" / "checkpoints" / "best.ckpt", copy)
-    cfg = compose_config(tmp_path / "r", [*TARGET, f"candidates=[{copy},random]", f"results={tiny_run.parent}",
-                                          f"paths.cache_dir={tmp_path / 'cache'}"], config_name="rank")
+    cfg = compose_config(
+        tmp_path / "r",
+        [*TARGET, f"candidates=[{copy},random]", f"results={tiny_run.parent}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        config_name="rank",
+    )
     rows = {r["candidate"]: r for r in rank(cfg)["candidates"]}
     finetune_acc = json.loads((tiny_run / "results.json").read_text())["finetune/test/acc"]
     assert rows["source_model"]["finetuned_acc"] == pytest.approx(finetune_acc)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY, run_cli, write_cifar10, write_imagenet
+
 from transferlab.module import ClassifierModule
 
 TESTS = Path(__file__).resolve().parent
@@ -63,10 +63,18 @@ def kill_when_marked(run_dir: Path, overrides: list[str], callback: str, **param
     """Start the CLI with test callback `helpers.<callback>`, which writes a marker file and waits at a chosen
     point; SIGKILL the process as soon as the marker appears. Returns the marker (it says where it stopped)."""
     marker = run_dir.parent / f"marker-{run_dir.name}"
-    injected = [f"+callbacks.kill._target_=helpers.{callback}", f"+callbacks.kill.marker={marker}",
-                *(f"+callbacks.kill.{k}={v}" for k, v in params.items())]
-    args = [str(Path(sys.executable).parent / "transferlab"), *DETERMINISTIC, *overrides, *injected,
-            f"hydra.run.dir={run_dir}"]
+    injected = [
+        f"+callbacks.kill._target_=helpers.{callback}",
+        f"+callbacks.kill.marker={marker}",
+        *(f"+callbacks.kill.{k}={v}" for k, v in params.items()),
+    ]
+    args = [
+        str(Path(sys.executable).parent / "transferlab"),
+        *DETERMINISTIC,
+        *overrides,
+        *injected,
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not marker.exists():
@@ -134,11 +142,13 @@ def test_manifest_write_cut_short_leaves_the_old_manifest(tmp_path, monkeypatch)
     """The manifest is written to a temporary file and renamed: a crash before the rename (here the rename
     itself fails) leaves the previous manifest whole."""
     from transferlab import fileio
+
     path = tmp_path / "manifest.json"
     fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
 
     def crash(*args):
         raise OSError("killed")
+
     monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError):
         fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
@@ -174,6 +184,7 @@ def source_run(tmp_path_factory) -> Path:
 def after_source(source_run, tmp_path):
     """A copy of a run whose source stage is done; returns (run folder, check that source is intact)."""
     import shutil
+
     run_dir = tmp_path / "run"
     shutil.copytree(source_run, run_dir)
     files = {p: p.read_bytes() for p in (run_dir / "source" / "checkpoints").iterdir()}
@@ -184,17 +195,25 @@ def after_source(source_run, tmp_path):
         assert {p: p.read_bytes() for p in (run_dir / "source" / "checkpoints").iterdir()} == files
         assert not list(run_dir.rglob("*.tmp"))
         return stages
+
     return run_dir, source_intact
 
 
 # -- 2. non-finite loss -----------------------------------------------------------------------------
 def test_nan_loss_stops_the_stage_marks_it_failed_and_keeps_the_last_good_checkpoint(after_source):
     run_dir, source_intact = after_source
-    proc = transferlab(run_dir, "+callbacks.poison._target_=helpers.PoisonAtEpoch",
-                       "+callbacks.poison.stage=pretrain", "+callbacks.poison.epoch=1")
-    assert_user_error(proc, "Stage 'pretrain': the training loss is nan at epoch 1, step 5",
-                      f"the last good checkpoint {run_dir / 'pretrain' / 'checkpoints' / 'last.ckpt'} is kept",
-                      "Lower stages.pretrain.optimizer.lr")
+    proc = transferlab(
+        run_dir,
+        "+callbacks.poison._target_=helpers.PoisonAtEpoch",
+        "+callbacks.poison.stage=pretrain",
+        "+callbacks.poison.epoch=1",
+    )
+    assert_user_error(
+        proc,
+        "Stage 'pretrain': the training loss is nan at epoch 1, step 5",
+        f"the last good checkpoint {run_dir / 'pretrain' / 'checkpoints' / 'last.ckpt'} is kept",
+        "Lower stages.pretrain.optimizer.lr",
+    )
     stages = source_intact()
     assert stages["pretrain"]["status"] == "failed"
     assert "NonFiniteLossError: Stage 'pretrain': the training loss is nan at epoch 1" in stages["pretrain"]["reason"]
@@ -205,8 +224,15 @@ def test_nan_loss_stops_the_stage_marks_it_failed_and_keeps_the_last_good_checkp
 
 def test_diverging_sweep_job_fails_alone_and_the_others_finish(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("transferlab", "-m", *TINY, *ONLY_SOURCE, "stages.source.optimizer.lr=1e6,0.01",
-                   f"hydra.sweep.dir={sweep}", check=False)
+    proc = run_cli(
+        "transferlab",
+        "-m",
+        *TINY,
+        *ONLY_SOURCE,
+        "stages.source.optimizer.lr=1e6,0.01",
+        f"hydra.sweep.dir={sweep}",
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "transferlab: job 0 failed: Stage 'source': the training loss is" in proc.stderr
     assert "1 sweep job(s) failed" in proc.stderr and f"job 0 ({sweep / '0'}): Stage 'source'" in proc.stderr
@@ -223,8 +249,12 @@ CIFAR_TARGET = ["data/target=cifar10", "data.target.val_fraction=0.2", "data.tar
 def test_missing_data_root(after_source, tmp_path):
     run_dir, source_intact = after_source
     proc = transferlab(run_dir, *CIFAR_TARGET, f"data.target.root={tmp_path / 'nowhere'}")
-    assert_user_error(proc, f"CIFAR-10 not found at {tmp_path / 'nowhere'}", "missing data_batch_1",
-                      "Point data.target.root at the folder that holds cifar-10-batches-py")
+    assert_user_error(
+        proc,
+        f"CIFAR-10 not found at {tmp_path / 'nowhere'}",
+        "missing data_batch_1",
+        "Point data.target.root at the folder that holds cifar-10-batches-py",
+    )
     assert "pretrain" not in source_intact() and not (run_dir / "pretrain").exists()  # stopped before training
 
 
@@ -238,10 +268,17 @@ def test_truncated_cifar_batch(after_source, tmp_path):
     assert "pretrain" not in source_intact() and not (run_dir / "pretrain").exists()
 
 
-IMAGENET_SOURCE = ["data/source=imagenet", "data.source.val_fraction=0.25", "data.source.augment=false", *ONLY_SOURCE,
-                   # the built-in target takes these from the built-in source
-                   "data.target.source_classes=6", "data.target.noise=0.5", "data.target.max_shift=4",
-                   "data.target.world_seed=1234"]
+IMAGENET_SOURCE = [
+    "data/source=imagenet",
+    "data.source.val_fraction=0.25",
+    "data.source.augment=false",
+    *ONLY_SOURCE,
+    # the built-in target takes these from the built-in source
+    "data.target.source_classes=6",
+    "data.target.noise=0.5",
+    "data.target.max_shift=4",
+    "data.target.world_seed=1234",
+]
 
 
 def test_empty_class_folder(tmp_path):
@@ -273,10 +310,12 @@ def save_module_checkpoint(path: Path, model: dict, num_classes: int) -> Path:
 def test_checkpoint_for_another_class_count(after_source, tmp_path):
     run_dir, source_intact = after_source
     ckpt = save_module_checkpoint(tmp_path / "three_classes.ckpt", {"name": "convnet"}, 3)
-    proc = transferlab(run_dir, "stages.scratch.init_ckpt=" + str(ckpt), "stages.scratch.init_head=keep",
-                       *ONLY_SCRATCH)
-    assert_user_error(proc, f"{ckpt} has a head for another class count (head.weight (3, 128) vs (10, 128)",
-                      "set this stage's init_head=new")
+    proc = transferlab(run_dir, "stages.scratch.init_ckpt=" + str(ckpt), "stages.scratch.init_head=keep", *ONLY_SCRATCH)
+    assert_user_error(
+        proc,
+        f"{ckpt} has a head for another class count (head.weight (3, 128) vs (10, 128)",
+        "set this stage's init_head=new",
+    )
     stages = source_intact()
     assert stages["scratch"]["status"] == "failed" and not (run_dir / "scratch" / "checkpoints").exists()
 
@@ -285,8 +324,12 @@ def test_checkpoint_of_another_architecture(after_source, tmp_path):
     run_dir, source_intact = after_source
     ckpt = save_module_checkpoint(tmp_path / "resnet18.ckpt", {"name": "resnet18"}, 10)
     proc = transferlab(run_dir, "stages.scratch.init_ckpt=" + str(ckpt), *ONLY_SCRATCH)
-    assert_user_error(proc, f"{ckpt} does not fit this model", "saved for model {'name': 'resnet18'",
-                      "use a checkpoint of the same architecture or change model=")
+    assert_user_error(
+        proc,
+        f"{ckpt} does not fit this model",
+        "saved for model {'name': 'resnet18'",
+        "use a checkpoint of the same architecture or change model=",
+    )
     assert source_intact()["scratch"]["status"] == "failed"
 
 
@@ -300,12 +343,15 @@ def test_checkpoint_path_that_does_not_exist(after_source, tmp_path):
     assert_user_error(proc, f"Checkpoint {missing} does not exist")
 
 
-@pytest.mark.parametrize("override,fragments", [
-    ("stages.finetune.optimizer.lr=-0.1", ["stages.finetune.optimizer.lr must be a positive number, got -0.1"]),
-    ("data.batch_size=0", ["data.batch_size must be a whole number of at least 1, got 0"]),
-    ("trainer.devices=64", ["trainer.devices=64 but this machine has", "CPU core(s)"]),
-    ("stages.pretrain.scheduler.name=cosin", ["stages.pretrain.scheduler.name='cosin' is unknown"]),
-])
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("stages.finetune.optimizer.lr=-0.1", ["stages.finetune.optimizer.lr must be a positive number, got -0.1"]),
+        ("data.batch_size=0", ["data.batch_size must be a whole number of at least 1, got 0"]),
+        ("trainer.devices=64", ["trainer.devices=64 but this machine has", "CPU core(s)"]),
+        ("stages.pretrain.scheduler.name=cosin", ["stages.pretrain.scheduler.name='cosin' is unknown"]),
+    ],
+)
 def test_invalid_values_stop_before_training(after_source, override, fragments):
     run_dir, source_intact = after_source
     assert_user_error(transferlab(run_dir, override), *fragments)
@@ -329,8 +375,9 @@ def test_full_disk_while_writing_a_checkpoint(after_source):
     run_dir, source_intact = after_source
     proc = transferlab(run_dir, "+callbacks.full._target_=helpers.DiskFullInStage", "+callbacks.full.stage=pretrain")
     folder = run_dir / "pretrain" / "checkpoints"
-    assert_user_error(proc, f"No space left to write checkpoint {folder}/", f"free space in {folder}",
-                      "re-run into the same folder")
+    assert_user_error(
+        proc, f"No space left to write checkpoint {folder}/", f"free space in {folder}", "re-run into the same folder"
+    )
     stages = source_intact()  # also: no partial *.tmp left
     assert stages["pretrain"]["status"] == "failed" and "No space left" in stages["pretrain"]["reason"]
     assert not list(folder.glob("*.ckpt"))
@@ -360,8 +407,12 @@ def test_checkpoint_that_would_run_code_is_refused(after_source, tmp_path, monke
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": RunsCode()}, evil)
     proof = tmp_path / "proof"  # the file does run code when loaded without weights_only
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
-                   env={**os.environ, "TRANSFERLAB_TEST_MARKER": str(proof)}, check=True, cwd=TESTS)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
+        env={**os.environ, "TRANSFERLAB_TEST_MARKER": str(proof)},
+        check=True,
+        cwd=TESTS,
+    )
     assert proof.exists()
 
     marker = tmp_path / "marker"
@@ -392,6 +443,7 @@ def test_manifest_records_provenance(source_run):
 
 def test_dataset_fingerprint_follows_files_and_settings(tmp_path):
     from transferlab.data import BuiltinDataModule, CIFAR10DataModule
+
     root = write_cifar10(tmp_path)
     first = CIFAR10DataModule(root=str(root), val_fraction=0.2).fingerprint()
     assert first["files"] == 7 and first["splits"] == {"train": 40, "val": 10, "test": 20}

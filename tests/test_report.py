@@ -7,15 +7,16 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # recipe x samples_per_class x seed -> finetune and scratch test accuracy
-ACC = {("mission", 10): ([0.50, 0.60, 0.70], [0.40, 0.40, 0.40]),
-       ("mission", 100): ([0.60, 0.62, 0.64], [0.50, 0.52, 0.60]),
-       ("strong", 10): ([0.55, 0.65, 0.60], [0.45, 0.45, 0.42]),
-       ("strong", 100): ([0.80, 0.70, 0.75], [0.55, 0.50, 0.60])}
+ACC = {
+    ("mission", 10): ([0.50, 0.60, 0.70], [0.40, 0.40, 0.40]),
+    ("mission", 100): ([0.60, 0.62, 0.64], [0.50, 0.52, 0.60]),
+    ("strong", 10): ([0.55, 0.65, 0.60], [0.45, 0.45, 0.42]),
+    ("strong", 100): ([0.80, 0.70, 0.75], [0.55, 0.50, 0.60]),
+}
 
 
 def make_job(sweep, num: int, overrides: list[str], metrics: dict | None, failed_stage: str | None = None):
@@ -26,8 +27,9 @@ def make_job(sweep, num: int, overrides: list[str], metrics: dict | None, failed
     if metrics is not None:
         (job / "results.json").write_text(json.dumps(metrics))
     if failed_stage:
-        (job / "manifest.json").write_text(json.dumps({"stages": {failed_stage: {
-            "status": "failed", "reason": "UserError: loss is nan at epoch 3"}}}))
+        (job / "manifest.json").write_text(
+            json.dumps({"stages": {failed_stage: {"status": "failed", "reason": "UserError: loss is nan at epoch 3"}}})
+        )
     return job
 
 
@@ -37,12 +39,25 @@ def make_sweep(sweep, fail: tuple | None = None):
     num = 0
     for (recipe, size), (finetune, scratch) in ACC.items():
         for seed in range(3):
-            metrics = {"finetune/test/acc": finetune[seed], "scratch/test/acc": scratch[seed],
-                       "gain/acc": finetune[seed] - scratch[seed], "finetune/test/f1": 0.5}
+            metrics = {
+                "finetune/test/acc": finetune[seed],
+                "scratch/test/acc": scratch[seed],
+                "gain/acc": finetune[seed] - scratch[seed],
+                "finetune/test/f1": 0.5,
+            }
             failed = fail == (recipe, size, seed)
-            make_job(sweep, num, ["experiment=lowdata_study", f"recipe={recipe}",
-                                  f"data.target.samples_per_class={size}", f"seed={seed}"],
-                     None if failed else metrics, "finetune" if failed else None)
+            make_job(
+                sweep,
+                num,
+                [
+                    "experiment=lowdata_study",
+                    f"recipe={recipe}",
+                    f"data.target.samples_per_class={size}",
+                    f"seed={seed}",
+                ],
+                None if failed else metrics,
+                "finetune" if failed else None,
+            )
             num += 1
     return sweep
 
@@ -93,8 +108,16 @@ def test_plots_one_png_per_metric_against_the_chosen_keys(tmp_path):
     for name in ("gain_acc", "finetune_test_acc", "scratch_test_acc"):  # the defaults
         path = sweep / f"{name}_vs_data.target.samples_per_class.png"
         assert path.read_bytes()[:8] == PNG and str(path) in proc.stdout
-    run_cli("transferlab-report", str(sweep), "--x", "recipe", "--line", "data.target.samples_per_class",
-            "--metrics", "finetune/test/f1")
+    run_cli(
+        "transferlab-report",
+        str(sweep),
+        "--x",
+        "recipe",
+        "--line",
+        "data.target.samples_per_class",
+        "--metrics",
+        "finetune/test/f1",
+    )
     assert (sweep / "finetune_test_f1_vs_recipe.png").read_bytes()[:8] == PNG
 
 
@@ -131,9 +154,11 @@ def test_a_folder_with_no_jobs_or_a_run_folder_is_named(tmp_path):
 def test_matplotlib_is_imported_only_when_a_plot_is_drawn(tmp_path):
     for seed in range(2):  # a seed-only sweep: one cell, nothing to plot against
         make_job(tmp_path, seed, [f"seed={seed}"], {"finetune/test/acc": 0.5 + seed / 10})
-    code = ("import sys; from pathlib import Path; from transferlab import sweep_report as r; "
-            f"p = Path({str(tmp_path)!r}); paths = r.write(p, r.collect(p)); "
-            "print(len(paths), 'matplotlib' in sys.modules)")
+    code = (
+        "import sys; from pathlib import Path; from transferlab import sweep_report as r; "
+        f"p = Path({str(tmp_path)!r}); paths = r.write(p, r.collect(p)); "
+        "print(len(paths), 'matplotlib' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "False"]
     assert "0.5500 ± 0.0707 (n=2)" in (tmp_path / "report.md").read_text()
@@ -144,11 +169,17 @@ def test_the_sweep_callback_writes_the_report_even_for_a_narrowed_sweep(tmp_path
     from omegaconf import OmegaConf
 
     from transferlab.sweep_report import ReportAtEnd
+
     for seed in range(2):
         for size in (10, 100):
-            make_job(tmp_path, 2 * seed + (size == 100), ["recipe=mission", f"data.target.samples_per_class={size}",
-                                                          f"seed={seed}"], {"gain/acc": 0.1 * (seed + 1)})
+            make_job(
+                tmp_path,
+                2 * seed + (size == 100),
+                ["recipe=mission", f"data.target.samples_per_class={size}", f"seed={seed}"],
+                {"gain/acc": 0.1 * (seed + 1)},
+            )
     ReportAtEnd(x="data.target.samples_per_class", line="recipe").on_multirun_end(
-        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    )
     assert "| 10 | 2 | 0 | 0.1500 ± 0.0707 (n=2) |" in capsys.readouterr().out
     assert (tmp_path / "gain_acc_vs_data.target.samples_per_class.png").read_bytes()[:8] == PNG

@@ -5,9 +5,9 @@ import csv
 import json
 
 import pytest
+from conftest import REPO, TINY, run_cli, write_cifar10
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, TINY, run_cli, write_cifar10
 from transferlab.cli import CONF_DIR
 
 STUDY_RECIPES = ["mission", "lp_ft", "l2sp", "discriminative", "strong"]
@@ -48,12 +48,21 @@ def test_a_tiny_study_trains_the_source_once_per_seed_and_reports_mean_and_std(t
     CIFAR-10-layout target (the data=cifar10_split preset's shape, at test size)."""
     sweep, cifar = tmp_path / "sweep", write_cifar10(tmp_path / "cifar", n_train=400, n_test=100)
     recipes = [r for r in ("mission", "seed") if (REPO / "conf" / "recipe" / f"{r}.yaml").is_file()][:1] + ["lp_ft"]
-    proc = run_cli("transferlab", "-m", "experiment=lowdata_study", "data=builtin_cifar10",
-                   f"data.target.root={cifar}", "data.target.classes=5", "data.target.val_fraction=0.25",
-                   *[o for o in TINY if o != "cache=false" and not o.startswith("data.target.")],
-                   f"paths.output_root={tmp_path}",
-                   "data.target.samples_per_class=3,6", f"recipe={','.join(recipes)}", "seed=0,1",
-                   f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "transferlab",
+        "-m",
+        "experiment=lowdata_study",
+        "data=builtin_cifar10",
+        f"data.target.root={cifar}",
+        "data.target.classes=5",
+        "data.target.val_fraction=0.25",
+        *[o for o in TINY if o != "cache=false" and not o.startswith("data.target.")],
+        f"paths.output_root={tmp_path}",
+        "data.target.samples_per_class=3,6",
+        f"recipe={','.join(recipes)}",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == 8
     manifests = [json.loads((j / "manifest.json").read_text())["stages"] for j in jobs]

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO, TINY, run_cli
 
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
@@ -15,8 +14,13 @@ def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO / 'tests'}:{env_path}"
     try:
-        run_cli("transferlab", *TINY, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path}",
-                "+callbacks.record._target_=helpers.RecordTestMetrics")
+        run_cli(
+            "transferlab",
+            *TINY,
+            "trainer=ddp_cpu",
+            f"hydra.run.dir={tmp_path}",
+            "+callbacks.record._target_=helpers.RecordTestMetrics",
+        )
     finally:
         os.environ["PYTHONPATH"] = env_path
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["manifest.json", "results.json"]
@@ -33,8 +37,15 @@ def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path
 
 def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli("transferlab", "-m", "stages.finetune.optimizer.lr=0.01,0.001", "seed=0,1", *ONE_EPOCH,
-            "~stages.scratch", f"hydra.sweep.dir={sweep}")
+    run_cli(
+        "transferlab",
+        "-m",
+        "stages.finetune.optimizer.lr=0.01,0.001",
+        "seed=0,1",
+        *ONE_EPOCH,
+        "~stages.scratch",
+        f"hydra.sweep.dir={sweep}",
+    )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]
     for job in jobs:
@@ -44,10 +55,16 @@ def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_p
     header = rows[0].split(",")
     assert header[:5] == ["job", "status", "seed", "stages.finetune.optimizer.lr", "objective"]
     assert len(rows) == 5 and all(r.split(",")[1] == "done" for r in rows[1:])
-    assert {tuple(r.split(",")[2:4]) for r in rows[1:]} == {("0", "0.01"), ("0", "0.001"), ("1", "0.01"),
-                                                            ("1", "0.001")}
-    for name in ("finetune_test_acc_vs_stages.finetune.optimizer.lr.png",  # mean ± std over the two seeds
-                 "source_test_acc_vs_stages.finetune.optimizer.lr.png"):
+    assert {tuple(r.split(",")[2:4]) for r in rows[1:]} == {
+        ("0", "0.01"),
+        ("0", "0.001"),
+        ("1", "0.01"),
+        ("1", "0.001"),
+    }
+    for name in (
+        "finetune_test_acc_vs_stages.finetune.optimizer.lr.png",  # mean ± std over the two seeds
+        "source_test_acc_vs_stages.finetune.optimizer.lr.png",
+    ):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| job | status | seed |" in proc.stdout
 
@@ -59,8 +76,15 @@ def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
-    run_cli("transferlab", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *ONE_EPOCH,
-            "~stages.scratch", f"hydra.sweep.dir={tmp_path}")
+    run_cli(
+        "transferlab",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        *ONE_EPOCH,
+        "~stages.scratch",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1", "2"]
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "stages.finetune.optimizer.lr" in best and "best_value" in best
@@ -71,8 +95,12 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
 @pytest.mark.slow
 def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
     """Rank zero decides what comes from the cache and broadcasts it: both ranks skip the same stages."""
-    common = [*(o for o in ONE_EPOCH if o != "cache=false"), "~stages.scratch", "trainer=ddp_cpu",
-              f"paths.output_root={tmp_path}"]
+    common = [
+        *(o for o in ONE_EPOCH if o != "cache=false"),
+        "~stages.scratch",
+        "trainer=ddp_cpu",
+        f"paths.output_root={tmp_path}",
+    ]
     run_cli("transferlab", *common, f"hydra.run.dir={tmp_path / 'a'}")
     run_cli("transferlab", *common, "stages.finetune.optimizer.lr=0.05", f"hydra.run.dir={tmp_path / 'b'}")
     stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
@@ -82,9 +110,17 @@ def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_optuna_trial_is_recorded_and_the_search_goes_on(tmp_path):
-    proc = run_cli("transferlab", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4",
-                   "stages.finetune.optimizer.lr=choice(-1.0,0.01)", *ONE_EPOCH, "~stages.scratch",
-                   f"hydra.sweep.dir={tmp_path}", check=False)
+    proc = run_cli(
+        "transferlab",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=4",
+        "stages.finetune.optimizer.lr=choice(-1.0,0.01)",
+        *ONE_EPOCH,
+        "~stages.scratch",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(jobs) == 4  # the search ran every trial
     lrs = [yaml_value(j, "stages.finetune.optimizer.lr") for j in jobs]

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY
 from transferlab.cli import CONF_DIR
 from transferlab.errors import UserError
 from transferlab.slurm import check_slurm_tasks
@@ -66,8 +66,9 @@ def launch(*args: str, extra_pythonpath: str = "") -> subprocess.Popen:
     if extra_pythonpath:
         env["PYTHONPATH"] = f"{extra_pythonpath}:{env.get('PYTHONPATH', '')}"
     script = Path(sys.executable).parent / "transferlab"
-    return subprocess.Popen([str(script), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [str(script), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, sweep: Path, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, str, str]:
@@ -98,8 +99,10 @@ def log_tails(sweep: Path) -> str:
 
 def submitit_results(sweep: Path) -> dict[str, tuple]:
     """{"<job id>_<task>": (outcome, value)} from the result pickles submitit wrote for each task."""
-    return {p.name.removesuffix("_result.pkl"): pickle.loads(p.read_bytes())
-            for p in (sweep / ".submitit").glob("*/*_result.pkl")}
+    return {
+        p.name.removesuffix("_result.pkl"): pickle.loads(p.read_bytes())
+        for p in (sweep / ".submitit").glob("*/*_result.pkl")
+    }
 
 
 @pytest.mark.slurm
@@ -126,15 +129,23 @@ def test_multirun_of_two_jobs_runs_both_on_slurm_and_returns_their_objectives(sw
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_two_task_job_runs_ddp_with_the_processes_slurm_started(sweep_dir):
-    proc = launch(*SLURM, "trainer=ddp_cpu", *ONE_EPOCH, "~stages.scratch", f"hydra.sweep.dir={sweep_dir}",
-                  "+callbacks.record._target_=helpers.RecordTestMetrics", extra_pythonpath=str(REPO / "tests"))
+    proc = launch(
+        *SLURM,
+        "trainer=ddp_cpu",
+        *ONE_EPOCH,
+        "~stages.scratch",
+        f"hydra.sweep.dir={sweep_dir}",
+        "+callbacks.record._target_=helpers.RecordTestMetrics",
+        extra_pythonpath=str(REPO / "tests"),
+    )
     rc, out, err = finish(proc, sweep_dir)
     assert rc == 0, f"{err[-3000:]}\n{log_tails(sweep_dir)}"
     [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
     assert "#SBATCH --ntasks-per-node=2" in (folder / f"{folder.name}_submission.sh").read_text()
     for rank in (0, 1):  # srun started both tasks; Lightning used them as its two ranks
-        task_log = (folder / f"{folder.name}_{rank}_log.err").read_text() + \
-                   (folder / f"{folder.name}_{rank}_log.out").read_text()
+        task_log = (folder / f"{folder.name}_{rank}_log.err").read_text() + (
+            folder / f"{folder.name}_{rank}_log.out"
+        ).read_text()
         assert f"global_rank={rank}(2)" in task_log
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in task_log
     results = submitit_results(sweep_dir)
@@ -155,17 +166,28 @@ def test_two_task_job_runs_ddp_with_the_processes_slurm_started(sweep_dir):
 def test_two_node_job_runs_ddp_across_the_simulated_nodes(sweep_dir, monkeypatch):
     # the simulated nodes' names (sim1, sim2) don't resolve; Lightning takes MASTER_ADDR from the environment first
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    proc = launch(*SLURM, "hydra.launcher.partition=sim", "trainer=ddp_cpu", "trainer.devices=1",
-                  "trainer.num_nodes=2", *ONE_EPOCH, "~stages.scratch", "~stages.pretrain", "~stages.finetune",
-                  "objective=source/test/acc", f"hydra.sweep.dir={sweep_dir}")
+    proc = launch(
+        *SLURM,
+        "hydra.launcher.partition=sim",
+        "trainer=ddp_cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        *ONE_EPOCH,
+        "~stages.scratch",
+        "~stages.pretrain",
+        "~stages.finetune",
+        "objective=source/test/acc",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     rc, out, err = finish(proc, sweep_dir)
     assert rc == 0, f"{err[-3000:]}\n{log_tails(sweep_dir)}"
     [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
     script = (folder / f"{folder.name}_submission.sh").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
     for rank in (0, 1):
-        task_log = (folder / f"{folder.name}_{rank}_log.err").read_text() + \
-                   (folder / f"{folder.name}_{rank}_log.out").read_text()
+        task_log = (folder / f"{folder.name}_{rank}_log.err").read_text() + (
+            folder / f"{folder.name}_{rank}_log.out"
+        ).read_text()
         assert f"node={rank}(2), global_rank={rank}(2)" in task_log
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in task_log
     assert job_info(folder.name).count("NodeList=sim[1-2]") == 1
@@ -189,20 +211,35 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
     """`scontrol requeue` (as an admin or a preemption does: SIGTERM, then back in the queue), or the signal SLURM
     sends `signal_delay_s` before the time limit (SIGUSR2: submitit's handler requeues the job itself)."""
     overrides = [o for o in TINY if ".epochs=" not in o]
-    proc = launch(*SLURM, "seed=0", *overrides, "stages.source.epochs=10", "stages.pretrain.epochs=1",
-                  "stages.finetune.epochs=1", "~stages.scratch", f"hydra.sweep.dir={sweep_dir}",
-                  "+callbacks.slow._target_=slurm_helpers.SlowEpochs", "+callbacks.slow.seconds=1",
-                  extra_pythonpath=str(REPO / "tests"))  # source: at least 10 s, so the requeue lands mid-stage
+    proc = launch(
+        *SLURM,
+        "seed=0",
+        *overrides,
+        "stages.source.epochs=10",
+        "stages.pretrain.epochs=1",
+        "stages.finetune.epochs=1",
+        "~stages.scratch",
+        f"hydra.sweep.dir={sweep_dir}",
+        "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
+        "+callbacks.slow.seconds=1",
+        extra_pythonpath=str(REPO / "tests"),
+    )  # source: at least 10 s, so the requeue lands mid-stage
     job = sweep_dir / "0"
     last = job / "source" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
     assert last.is_file(), f"no {last} yet\n{job_states()}\n{log_tails(sweep_dir)}"
-    assert not (job / "manifest.json").is_file() or "source" not in json.loads((job / "manifest.json").read_text())["stages"]
+    assert (
+        not (job / "manifest.json").is_file()
+        or "source" not in json.loads((job / "manifest.json").read_text())["stages"]
+    )
     [folder] = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
-    command = (["scontrol", "requeue", folder.name] if interrupt == "scontrol requeue" else
-               ["scancel", "--signal=USR2", folder.name])
+    command = (
+        ["scontrol", "requeue", folder.name]
+        if interrupt == "scontrol requeue"
+        else ["scancel", "--signal=USR2", folder.name]
+    )
     requeue = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert requeue.returncode == 0, requeue.stderr
 
@@ -219,8 +256,14 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
     assert f"Stage source: resuming from {last}" in log
     versions = sorted(p.name for p in (job / "source" / "csv").iterdir())
     assert versions == ["version_0", "version_1"]  # the interrupted attempt and the resumed one
-    epochs = [[int(row["epoch"]) for row in csv.DictReader((job / "source" / "csv" / v / "metrics.csv").open())
-               if row.get("train/loss")] for v in versions]  # the epochs each attempt trained
+    epochs = [
+        [
+            int(row["epoch"])
+            for row in csv.DictReader((job / "source" / "csv" / v / "metrics.csv").open())
+            if row.get("train/loss")
+        ]
+        for v in versions
+    ]  # the epochs each attempt trained
     assert min(epochs[1]) >= 1 and min(epochs[1]) <= max(epochs[0]) + 1  # picked up where it stopped
     assert max(epochs[1]) == 9
     if interrupt == "time-limit signal":
@@ -233,9 +276,17 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
 @pytest.mark.slow
 def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep_dir):
     """scancel mid-stage: no result file, so only the job's state (bin/sacct, from scontrol) ends the wait."""
-    proc = launch(*SLURM, "seed=0", *ONE_EPOCH, "stages.source.epochs=10", "trainer.max_epochs_per_stage=null",
-                  f"hydra.sweep.dir={sweep_dir}", "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
-                  "+callbacks.slow.seconds=1", extra_pythonpath=str(REPO / "tests"))
+    proc = launch(
+        *SLURM,
+        "seed=0",
+        *ONE_EPOCH,
+        "stages.source.epochs=10",
+        "trainer.max_epochs_per_stage=null",
+        f"hydra.sweep.dir={sweep_dir}",
+        "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
+        "+callbacks.slow.seconds=1",
+        extra_pythonpath=str(REPO / "tests"),
+    )
     last = sweep_dir / "0" / "source" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
@@ -249,11 +300,14 @@ def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep
     assert not list((sweep_dir / ".submitit").glob("*/*_result.pkl"))
 
 
-@pytest.mark.parametrize("overrides,tasks,nodes,cpus", [
-    ([], 1, 1, 1),
-    (["trainer=ddp_cpu"], 2, 1, 1),
-    (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "data=imagenet_cifar10"], 4, 2, 5),
-])
+@pytest.mark.parametrize(
+    "overrides,tasks,nodes,cpus",
+    [
+        ([], 1, 1, 1),
+        (["trainer=ddp_cpu"], 2, 1, 1),
+        (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "data=imagenet_cifar10"], 4, 2, 5),
+    ],
+)
 def test_launcher_config_ties_tasks_and_nodes_to_the_trainer(tmp_path, overrides, tasks, nodes, cpus):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
@@ -272,5 +326,7 @@ def test_check_slurm_tasks_names_the_mismatch():
         check_slurm_tasks(trainer, environ={"SLURM_NTASKS": "1", "SLURM_TASKS_PER_NODE": "1", "SLURM_NNODES": "1"})
     with pytest.raises(UserError, match=r"2 node\(s\) but trainer.num_nodes=1"):
         check_slurm_tasks(trainer, environ={"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2"})
-    check_slurm_tasks(OmegaConf.create({"devices": [0, 1], "num_nodes": 1}),
-                      environ={"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1"})
+    check_slurm_tasks(
+        OmegaConf.create({"devices": [0, 1], "num_nodes": 1}),
+        environ={"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1"},
+    )

@@ -35,8 +35,9 @@ def cache_entries(tmp_path: Path, stage: str = "source") -> list[Path]:
 def snapshot(root: Path, leave_out: str = "attempts") -> dict:
     """Every file under `root` and its bytes, but logs and `leave_out` (the record of attempts grows by design;
     a first attempt's `.hydra/` is new)."""
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and leave_out not in p.parts
-            and p.suffix != ".log"}
+    return {
+        p: p.read_bytes() for p in root.rglob("*") if p.is_file() and leave_out not in p.parts and p.suffix != ".log"
+    }
 
 
 def killed_during_source(run_dir: Path) -> str:
@@ -57,11 +58,21 @@ def test_rerun_under_another_config_is_refused_and_the_folder_keeps_its_config(t
     run_dir = tmp_path / "sweep" / "0"
     how = leave(run_dir)
     published, before = cache_entries(tmp_path), snapshot(run_dir)
-    proc = run_cli("transferlab", *DETERMINISTIC, *CACHED_SOURCE, "stages.source.optimizer.lr=0.5",
-                   f"hydra.run.dir={run_dir}", check=False)
-    assert_user_error(proc, f"Stage 'source' in {run_dir} {how} with another configuration; changed: "
-                            "stages.source.optimizer.lr: 0.01 -> 0.5.", "use a new run folder (hydra.run.dir=...)",
-                      f"delete {run_dir / 'source'} and its entry in manifest.json")
+    proc = run_cli(
+        "transferlab",
+        *DETERMINISTIC,
+        *CACHED_SOURCE,
+        "stages.source.optimizer.lr=0.5",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert_user_error(
+        proc,
+        f"Stage 'source' in {run_dir} {how} with another configuration; changed: "
+        "stages.source.optimizer.lr: 0.01 -> 0.5.",
+        "use a new run folder (hydra.run.dir=...)",
+        f"delete {run_dir / 'source'} and its entry in manifest.json",
+    )
     assert snapshot(run_dir) == before and cache_entries(tmp_path) == published
     refused = run_dir / ".hydra" / "attempts" / "2"
     assert "stages.source.optimizer.lr=0.5" in (refused / "overrides.yaml").read_text()
@@ -109,6 +120,7 @@ def bad_manifest(text: str):
         run_dir.mkdir(parents=True)
         (run_dir / "manifest.json").write_text(text)
         return []
+
     return setup
 
 
@@ -121,18 +133,30 @@ BAD_FOLDERS = {  # what is wrong: (set it up, returning overrides), the message
     "manifest.json not JSON": (bad_manifest("{stages: "), "is not a transferlab manifest (Expecting property name"),
     "empty manifest.json": (bad_manifest(""), "is not a transferlab manifest (Expecting value"),
     "manifest.json holding []": (bad_manifest("[]"), "(expected an object with a 'stages' object)"),
-    "a stage record that is not one": (bad_manifest('{"stages": {"source": {"status": "finished"}}}'),
-                                       "stage 'source' is not a stage record"),
-    "run folder is a file": (lambda r, t: [f"hydra.run.dir={a_file(r, t)}"],
-                             "The run folder (hydra.run.dir) {tmp}/file cannot be written to (File exists"),
-    "run folder under a file": (lambda r, t: [f"hydra.run.dir={a_file(r, t)}/run"],
-                                "The run folder (hydra.run.dir) {tmp}/file/run cannot be written to (Not a directory"),
-    "run folder where no file can be created": (lambda r, t: ["hydra.run.dir=/sys/transferlab-run"],
-                                                "cannot be written to (Operation not permitted: /sys/transferlab-run)"),
-    "cache folder is a file": (lambda r, t: ["cache=true", f"paths.cache_dir={a_file(r, t)}"],
-                               "The stage cache folder (paths.cache_dir) {tmp}/file/stages cannot be written to"),
-    "cache folder where no file can be created": (lambda r, t: ["cache=true", "paths.cache_dir=/sys/transferlab"],
-                                                  "cannot be written to (Operation not permitted"),
+    "a stage record that is not one": (
+        bad_manifest('{"stages": {"source": {"status": "finished"}}}'),
+        "stage 'source' is not a stage record",
+    ),
+    "run folder is a file": (
+        lambda r, t: [f"hydra.run.dir={a_file(r, t)}"],
+        "The run folder (hydra.run.dir) {tmp}/file cannot be written to (File exists",
+    ),
+    "run folder under a file": (
+        lambda r, t: [f"hydra.run.dir={a_file(r, t)}/run"],
+        "The run folder (hydra.run.dir) {tmp}/file/run cannot be written to (Not a directory",
+    ),
+    "run folder where no file can be created": (
+        lambda r, t: ["hydra.run.dir=/sys/transferlab-run"],
+        "cannot be written to (Operation not permitted: /sys/transferlab-run)",
+    ),
+    "cache folder is a file": (
+        lambda r, t: ["cache=true", f"paths.cache_dir={a_file(r, t)}"],
+        "The stage cache folder (paths.cache_dir) {tmp}/file/stages cannot be written to",
+    ),
+    "cache folder where no file can be created": (
+        lambda r, t: ["cache=true", "paths.cache_dir=/sys/transferlab"],
+        "cannot be written to (Operation not permitted",
+    ),
 }
 
 
@@ -153,8 +177,13 @@ def test_a_given_checkpoint_is_checked_before_its_stage_is_done(tmp_path):
     given, run_dir = tmp_path / "given.ckpt", tmp_path / "run"
     whole = save_module_checkpoint(tmp_path / "real.ckpt", {"name": "convnet"}, 6)
     given.write_bytes(whole.read_bytes()[:5000])
-    args = ["~stages.finetune", "~stages.scratch", "objective=pretrain/test/acc", f"stages.source.result_ckpt={given}",
-            "trainer.max_epochs_per_stage=1"]
+    args = [
+        "~stages.finetune",
+        "~stages.scratch",
+        "objective=pretrain/test/acc",
+        f"stages.source.result_ckpt={given}",
+        "trainer.max_epochs_per_stage=1",
+    ]
     assert_user_error(transferlab(run_dir, *args), f"stages.source.result_ckpt: Checkpoint {given}")
     assert manifest(run_dir)["stages"]["source"]["status"] == "failed" and not (run_dir / "pretrain").exists()
     shutil.copyfile(whole, given)
@@ -168,9 +197,13 @@ def test_one_diverging_step_fails_the_stage(tmp_path):
     """Item 10: lr 1e6 with one batch per epoch never gives a NaN loss, but a test loss of ~1e20."""
     run_dir = tmp_path / "run"
     proc = transferlab(run_dir, "stages.finetune.optimizer.lr=1e6", "debug=fdr")
-    assert_user_error(proc, "Stage 'finetune': the val loss is ", "over 1000 x ln(10) = 2303 (a uniform guess "
-                      "scores 2.30): training diverged", "Lower stages.finetune.optimizer.lr",
-                      f"delete {run_dir / 'finetune'}")
+    assert_user_error(
+        proc,
+        "Stage 'finetune': the val loss is ",
+        "over 1000 x ln(10) = 2303 (a uniform guess scores 2.30): training diverged",
+        "Lower stages.finetune.optimizer.lr",
+        f"delete {run_dir / 'finetune'}",
+    )
     stages = manifest(run_dir)["stages"]
     assert stages["finetune"]["status"] == "failed" and "training diverged" in stages["finetune"]["reason"]
     assert "scratch" not in stages and not (run_dir / "results.json").exists()
@@ -181,6 +214,7 @@ def test_a_last_checkpoint_without_a_record_of_its_config_is_not_resumed(tiny_cf
     could have been trained under other values: refused, not resumed."""
     from transferlab.errors import UserError
     from transferlab.pipeline import run
+
     cfg = tiny_cfg(*ONLY_SOURCE, "trainer.max_epochs_per_stage=1")
     run(cfg)
     path = Path(cfg.paths.run_dir) / "manifest.json"

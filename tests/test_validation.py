@@ -8,14 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import TINY, compose_config, run_cli
+from omegaconf import OmegaConf
 from test_reliability import ONLY_SOURCE, assert_user_error, transferlab
+
 from transferlab import cli, report, validation
 
-IMAGENET32_64 = ["data/source=imagenet32", "data.source.image_size=64", "data.target.source_classes=6",
-                 "data.target.noise=0.5", "data.target.max_shift=4", "data.target.world_seed=1234"]
+IMAGENET32_64 = [
+    "data/source=imagenet32",
+    "data.source.image_size=64",
+    "data.target.source_classes=6",
+    "data.target.noise=0.5",
+    "data.target.max_shift=4",
+    "data.target.world_seed=1234",
+]
 CIFAR = ["data/target=cifar10"]  # validation refuses its values before the data (root: null) is read
 STAGE_KEYS = "task, init, init_ckpt, init_head, train, result_ckpt, epochs, optimizer, scheduler"
 
@@ -23,11 +29,15 @@ STAGE_KEYS = "task, init, init_ckpt, init_head, train, result_ckpt, epochs, opti
 BAD_VALUES = [
     (["stages.finetune.optimizer.lr=true"], "stages.finetune.optimizer.lr must be a positive number, got true."),
     (["stages.finetune.optimizer.lr=-0.1"], "stages.finetune.optimizer.lr must be a positive number, got -0.1."),
-    (["stages.source.optimizer.momentum=abc"], 'stages.source.optimizer.momentum must be a number of at least 0, '
-                                               'got "abc".'),
+    (
+        ["stages.source.optimizer.momentum=abc"],
+        'stages.source.optimizer.momentum must be a number of at least 0, got "abc".',
+    ),
     (["stages.source.optimizer.name=adam"], "stages.source.optimizer.name='adam' is unknown; available: sgd, adamw."),
-    (["stages.pretrain.scheduler.name=cosin"], "stages.pretrain.scheduler.name='cosin' is unknown; available: "
-                                               "none, cosine, step."),
+    (
+        ["stages.pretrain.scheduler.name=cosin"],
+        "stages.pretrain.scheduler.name='cosin' is unknown; available: none, cosine, step.",
+    ),
     (["data.batch_size=abc"], 'data.batch_size must be a whole number of at least 1, got "abc".'),
     (["data.batch_size=0"], "data.batch_size must be a whole number of at least 1, got 0."),
     (["data.batch_size=true"], "data.batch_size must be a whole number of at least 1, got true."),
@@ -37,58 +47,92 @@ BAD_VALUES = [
     (["stages.pretrain.epochs=abc"], 'stages.pretrain.epochs must be a whole number of at least 1, got "abc".'),
     (["stages.finetune.epochs=0"], "stages.finetune.epochs must be a whole number of at least 1, got 0."),
     (["stages.source.epochs=-2"], "stages.source.epochs must be a whole number of at least 1, got -2."),
-    ([*CIFAR, "data.target.classes=[cat,dog]"], 'data.target.classes=["cat", "dog"]: "cat", "dog" is not a class; give '
-                                        "class ids (0, 1, ...): this dataset numbers its classes."),
-    ([*CIFAR, "data.target.classes=[]"], "data.target.classes=[]: give null (all classes), a number N (the first N) or a "
-                                 "non-empty list of classes."),
+    (
+        [*CIFAR, "data.target.classes=[cat,dog]"],
+        'data.target.classes=["cat", "dog"]: "cat", "dog" is not a class; give '
+        "class ids (0, 1, ...): this dataset numbers its classes.",
+    ),
+    (
+        [*CIFAR, "data.target.classes=[]"],
+        "data.target.classes=[]: give null (all classes), a number N (the first N) or a non-empty list of classes.",
+    ),
     ([*CIFAR, "data.target.classes=[3,3]"], "data.target.classes=[3, 3] lists 3 more than once"),
     ([*CIFAR, "data.target.classes=0"], "data.target.classes=0: give null (all classes), a number N"),
-    ([*CIFAR, "data.target.samples_per_class=-1"], "data.target.samples_per_class must be null or a whole number of at "
-                                           "least 1, got -1."),
-    ([*CIFAR, "data.target.samples_per_class=0"], "data.target.samples_per_class must be null or a whole number of at "
-                                          "least 1, got 0."),
+    (
+        [*CIFAR, "data.target.samples_per_class=-1"],
+        "data.target.samples_per_class must be null or a whole number of at least 1, got -1.",
+    ),
+    (
+        [*CIFAR, "data.target.samples_per_class=0"],
+        "data.target.samples_per_class must be null or a whole number of at least 1, got 0.",
+    ),
     (["data.target.val_fraction=1.5"], "data.target.val_fraction must be a number in [0, 1), got 1.5."),
     ([*CIFAR, "data.target.label_fraction=0"], "data.target.label_fraction must be null or a number in (0, 1], got 0."),
     (["data.num_workers=-1"], "data.num_workers must be a whole number of at least 0, got -1."),
-    (IMAGENET32_64, "model=convnet takes 32x32 images but data.source.image_size=64: set data.source.image_size=32, "
-                    "or use a model that takes any size (e.g. model=resnet18)."),
+    (
+        IMAGENET32_64,
+        "model=convnet takes 32x32 images but data.source.image_size=64: set data.source.image_size=32, "
+        "or use a model that takes any size (e.g. model=resnet18).",
+    ),
     (["model.name=vgg"], "model.name='vgg' is unknown; available: convnet, resnet18, resnet50."),
-    (["objective=finetune/test/accuracy"], "objective='finetune/test/accuracy' is not a metric this run will "
-                                           "produce. It produces <stage>/test/<metric> for the stages source, "
-                                           "pretrain, finetune, scratch and gain/<metric>, <metric> one of acc, "
-                                           "acc_top5, f1, auroc: set objective= to one of them"),
-    (["objective=gain/acc", "~stages.scratch"], "objective='gain/acc' is not a metric this run will produce "
-                                                "(gain/<metric> is gain.compare=finetune minus gain.baseline=scratch"),
+    (
+        ["objective=finetune/test/accuracy"],
+        "objective='finetune/test/accuracy' is not a metric this run will "
+        "produce. It produces <stage>/test/<metric> for the stages source, "
+        "pretrain, finetune, scratch and gain/<metric>, <metric> one of acc, "
+        "acc_top5, f1, auroc: set objective= to one of them",
+    ),
+    (
+        ["objective=gain/acc", "~stages.scratch"],
+        "objective='gain/acc' is not a metric this run will produce "
+        "(gain/<metric> is gain.compare=finetune minus gain.baseline=scratch",
+    ),
     (["gain.compare=finetun", "objective=gain/acc"], "gain.compare=finetun minus gain.baseline=scratch: both must be"),
-    (["stages.source.result_ckpt=/x.ckpt", "objective=source/test/acc"], "objective='source/test/acc' is not a "
-                                                                         "metric this run will produce. It produces "
-                                                                         "<stage>/test/<metric> for the stages "
-                                                                         "pretrain, finetune, scratch and"),
+    (
+        ["stages.source.result_ckpt=/x.ckpt", "objective=source/test/acc"],
+        "objective='source/test/acc' is not a "
+        "metric this run will produce. It produces "
+        "<stage>/test/<metric> for the stages "
+        "pretrain, finetune, scratch and",
+    ),
     (["+stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {STAGE_KEYS}."),
     (["stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {STAGE_KEYS}."),
-    (["+stages.extra.task=target"], "stages.extra lacks init, init_ckpt, init_head, train, result_ckpt, epochs, "
-                                    "optimizer, scheduler: a stage added on the command line starts from the default "
-                                    "stage with +stage@stages.extra=default"),
-    (["stages.pretrain.init=finetune"], "stages.pretrain.init='finetune' must name an earlier stage (stages before "
-                                        "it: source)."),
+    (
+        ["+stages.extra.task=target"],
+        "stages.extra lacks init, init_ckpt, init_head, train, result_ckpt, epochs, "
+        "optimizer, scheduler: a stage added on the command line starts from the default "
+        "stage with +stage@stages.extra=default",
+    ),
+    (
+        ["stages.pretrain.init=finetune"],
+        "stages.pretrain.init='finetune' must name an earlier stage (stages before it: source).",
+    ),
     (["stages.pretrain.init_head=maybe"], "stages.pretrain.init_head='maybe': use 'new' or 'keep'."),
     (["trainer.max_epochs_per_stage=0"], "trainer.max_epochs_per_stage must be null or a whole number of at least 1"),
     (["cache=maybe"], 'cache must be true or false, got "maybe".'),
     (["seed=-1"], "seed must be a whole number of at least 0, got -1."),
     # renamed: the old name is refused with the new one
     (["recipe=seed"], "recipe=seed was renamed recipe=mission: use recipe=mission instead."),
-    (["trainer.max_epochs=1"], "trainer.max_epochs was renamed trainer.max_epochs_per_stage: use "
-                               "trainer.max_epochs_per_stage instead."),
-    (["stages.source.ckpt=/some/best.ckpt"], "stages.source.ckpt was renamed stages.source.result_ckpt: use "
-                                             "stages.source.result_ckpt=/some/best.ckpt instead."),
+    (
+        ["trainer.max_epochs=1"],
+        "trainer.max_epochs was renamed trainer.max_epochs_per_stage: use trainer.max_epochs_per_stage instead.",
+    ),
+    (
+        ["stages.source.ckpt=/some/best.ckpt"],
+        "stages.source.ckpt was renamed stages.source.result_ckpt: use "
+        "stages.source.result_ckpt=/some/best.ckpt instead.",
+    ),
 ]
 
 
 def snapshot(run_dir: Path) -> dict:
     """Every file of a run folder with its bytes' hash and mtime, less Hydra's own (.hydra/, the job log), which
     Hydra writes before transferlab's code runs."""
-    return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    return {
+        str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +169,15 @@ def test_bad_value_is_one_message_before_anything_is_written(run_folder, capsys,
     assert sorted(p.name for p in run_folder.iterdir() if p.is_dir() and p.name != ".hydra") == ["source"]
 
 
-@pytest.mark.parametrize("overrides", [["stages.finetune.optimizer.lr=true"], [*CIFAR, "data.target.classes=[3,3]"],
-                                       IMAGENET32_64, ["stages.source.ckpt=/some/best.ckpt"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["stages.finetune.optimizer.lr=true"],
+        [*CIFAR, "data.target.classes=[3,3]"],
+        IMAGENET32_64,
+        ["stages.source.ckpt=/some/best.ckpt"],
+    ],
+)
 def test_the_installed_script_refuses_the_same(run_folder, overrides):
     """A sample of the table through the console script in its own process: exit 2, the message, no traceback."""
     [message] = [m for o, m in BAD_VALUES if o == overrides]
@@ -152,8 +203,13 @@ def test_eval_checks_the_same_values(tmp_path, capsys, monkeypatch, overrides, m
 
 
 def test_the_installed_eval_script_refuses_the_same(tmp_path):
-    proc = run_cli("transferlab-eval", f"ckpt={tmp_path / 'nowhere.ckpt'}", "data.batch_size=abc",
-                   f"hydra.run.dir={tmp_path / 'eval'}", check=False)
+    proc = run_cli(
+        "transferlab-eval",
+        f"ckpt={tmp_path / 'nowhere.ckpt'}",
+        "data.batch_size=abc",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        check=False,
+    )
     assert_user_error(proc, EVAL_BAD_VALUES[0][1])
     assert snapshot(tmp_path / "eval") == {}
 
@@ -161,23 +217,36 @@ def test_the_installed_eval_script_refuses_the_same(tmp_path):
 # -- composed configs ------------------------------------------------------------------------------------
 def _explicit(task, init, init_head, lr, epochs=10, train="all", momentum=0.0, weight_decay=0.0, scheduler="none"):
     """A stage as conf/recipe/seed.yaml spelled it out before the stage schema (ckpt now result_ckpt)."""
-    return {"task": task, "init": init, "init_ckpt": None, "init_head": init_head, "train": train,
-            "result_ckpt": None, "epochs": epochs, "scheduler": {"name": scheduler},
-            "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay}}
+    return {
+        "task": task,
+        "init": init,
+        "init_ckpt": None,
+        "init_head": init_head,
+        "train": train,
+        "result_ckpt": None,
+        "epochs": epochs,
+        "scheduler": {"name": scheduler},
+        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+    }
 
 
 def _mission(pretrain_train="all", **every_stage):
-    return {"source": _explicit("source", None, "new", 0.01, **every_stage),
-            "pretrain": _explicit("target", "source", "new", 0.01, train=pretrain_train, **every_stage),
-            "finetune": _explicit("target", "pretrain", "keep", 0.001, **every_stage),
-            "scratch": _explicit("target", None, "new", 0.01, epochs=20, **every_stage)}
+    return {
+        "source": _explicit("source", None, "new", 0.01, **every_stage),
+        "pretrain": _explicit("target", "source", "new", 0.01, train=pretrain_train, **every_stage),
+        "finetune": _explicit("target", "pretrain", "keep", 0.001, **every_stage),
+        "scratch": _explicit("target", None, "new", 0.01, epochs=20, **every_stage),
+    }
 
 
-@pytest.mark.parametrize("recipe,expected", [
-    ("mission", _mission()),
-    ("lp_ft", _mission(pretrain_train="head")),
-    ("sgd_momentum", _mission(momentum=0.9, weight_decay=5.0e-4, scheduler="cosine")),
-])
+@pytest.mark.parametrize(
+    "recipe,expected",
+    [
+        ("mission", _mission()),
+        ("lp_ft", _mission(pretrain_train="head")),
+        ("sgd_momentum", _mission(momentum=0.9, weight_decay=5.0e-4, scheduler="cosine")),
+    ],
+)
 def test_composed_recipes_equal_the_explicit_ones(recipe, expected):
     stages = OmegaConf.to_container(compose_config(Path("/tmp/unused"), [f"recipe={recipe}"]).stages, resolve=True)
     assert {n: {k: v for k, v in s.items() if k not in validation.RENAMED} for n, s in stages.items()} == expected
@@ -195,27 +264,33 @@ def test_a_stage_added_from_the_default_stage_is_valid(tmp_path):
     assert list(cfg.stages)[-1] == "extra" and cfg.stages.extra.optimizer.lr == 0.01
 
 
-@pytest.mark.parametrize("data,workers", [("builtin", 0), ("builtin_cifar10", 2), ("imagenet32_cifar10", 0),
-                                          ("imagenet_cifar10", 4)])
+@pytest.mark.parametrize(
+    "data,workers", [("builtin", 0), ("builtin_cifar10", 2), ("imagenet32_cifar10", 0), ("imagenet_cifar10", 4)]
+)
 def test_data_pairs_share_batch_size_seed_and_workers(tmp_path, data, workers):
-    plain = OmegaConf.to_container(compose_config(tmp_path, [f"data={data}", "seed=7", "data.batch_size=32"]).data,
-                                   resolve=True)
+    plain = OmegaConf.to_container(
+        compose_config(tmp_path, [f"data={data}", "seed=7", "data.batch_size=32"]).data, resolve=True
+    )
     assert (plain["batch_size"], plain["num_workers"]) == (32, workers)
     for task in ("source", "target"):
         assert (plain[task]["batch_size"], plain[task]["seed"], plain[task]["num_workers"]) == (32, 7, workers)
 
 
 def test_logger_and_debug_presets_compose(tmp_path):
-    assert OmegaConf.to_container(compose_config(tmp_path, ["logger=default"]).logger)["csv"] == \
-        OmegaConf.to_container(compose_config(tmp_path, ["logger=csv"]).logger)["csv"]
+    assert (
+        OmegaConf.to_container(compose_config(tmp_path, ["logger=default"]).logger)["csv"]
+        == OmegaConf.to_container(compose_config(tmp_path, ["logger=csv"]).logger)["csv"]
+    )
     for preset, cap in (("limit", 1), ("fdr", 1), ("overfit", None)):
         cfg = compose_config(tmp_path, [f"debug={preset}"])
         assert cfg.cache is False and cfg.trainer.max_epochs_per_stage == cap
 
 
 def test_the_gain_compares_the_configured_stages():
-    stages = {name: {"status": "done", "test": {"acc": acc}} for name, acc in
-              (("pretrain", 0.9), ("finetune", 0.8), ("scratch", 0.5))}
+    stages = {
+        name: {"status": "done", "test": {"acc": acc}}
+        for name, acc in (("pretrain", 0.9), ("finetune", 0.8), ("scratch", 0.5))
+    }
     assert report.summarise(stages, "finetune", "scratch")["metrics"]["gain/acc"] == pytest.approx(0.3)
     results = report.summarise(stages, compare="pretrain", baseline="scratch")
     assert results["metrics"]["gain/acc"] == pytest.approx(0.4)

@@ -42,8 +42,10 @@ def end(run_dir: Path, number: int, trained: list[str], error: BaseException | N
     """Write the attempt's outcome; a failed attempt that trained nothing restores the last trained config."""
     attempts = _folder(run_dir)
     outcome = "done" if error is None else "failed" if trained else "refused (trained nothing)"
-    write_json_atomic(attempts / str(number) / "outcome.json",
-                      {"outcome": outcome, "trained": trained, "error": user_message(error) if error else None})
+    write_json_atomic(
+        attempts / str(number) / "outcome.json",
+        {"outcome": outcome, "trained": trained, "error": user_message(error) if error else None},
+    )
     if error is None or trained:
         return
     for earlier in range(number - 1, 0, -1):

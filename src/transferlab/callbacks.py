@@ -32,7 +32,8 @@ class StopOnNonFiniteLoss(L.Callback):
         raise NonFiniteLossError(
             f"Stage {stage!r}: the training loss is {loss.item()} at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step} (batch {batch} of the epoch); training diverged and was stopped ({kept}). "
-            f"Lower stages.{stage}.optimizer.lr, add a scheduler or check the data for bad values.")
+            f"Lower stages.{stage}.optimizer.lr, add a scheduler or check the data for bad values."
+        )
 
 
 def check_losses(stage: str, stage_dir: Path, num_classes: int, **losses) -> None:
@@ -44,9 +45,13 @@ def check_losses(stage: str, stage_dir: Path, num_classes: int, **losses) -> Non
     for split, value in losses.items():
         value = None if value is None else float(value)
         if value is not None and not (math.isfinite(value) and value <= 1000 * chance):
-            why = "not finite" if not math.isfinite(value) else (
-                f"over 1000 x ln({num_classes}) = {1000 * chance:.0f} (a uniform guess scores {chance:.2f})")
+            why = (
+                "not finite"
+                if not math.isfinite(value)
+                else (f"over 1000 x ln({num_classes}) = {1000 * chance:.0f} (a uniform guess scores {chance:.2f})")
+            )
             raise NonFiniteLossError(
                 f"Stage {stage!r}: the {split} loss is {value:.3g}, {why}: training diverged, so the stage is marked "
                 f"failed and its results are not used. Lower stages.{stage}.optimizer.lr (or add a scheduler), then "
-                f"delete {stage_dir} (its checkpoints were trained at the old lr) and re-run, or use a new run folder.")
+                f"delete {stage_dir} (its checkpoints were trained at the old lr) and re-run, or use a new run folder."
+            )

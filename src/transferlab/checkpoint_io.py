@@ -35,9 +35,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as err:
             tmp.unlink(missing_ok=True)
             if err.errno in DISK_FULL:
-                raise UserError(f"No space left to write checkpoint {path} ({err.strerror}): free space in "
-                                f"{path.parent} or point paths.output_root at a larger disk, then re-run into the same "
-                                f"folder (hydra.run.dir=...) to resume; the checkpoints written before are intact.") from None
+                raise UserError(
+                    f"No space left to write checkpoint {path} ({err.strerror}): free space in "
+                    f"{path.parent} or point paths.output_root at a larger disk, then re-run into the same "
+                    f"folder (hydra.run.dir=...) to resume; the checkpoints written before are intact."
+                ) from None
             raise
 
     def load_checkpoint(self, path, *args, **kwargs) -> dict:
@@ -81,8 +83,10 @@ def verify_checkpoint(path: str | Path, use: str = "init") -> None:
     except FileNotFoundError:
         raise UserError(f"{lead}{subject} does not exist. {fix}") from None
     except OSError as err:
-        raise UserError(f"{lead}{subject} cannot be read ({err.strerror}): check the file's permissions and that "
-                        f"it is a file, as the user running transferlab. {fix}") from None
+        raise UserError(
+            f"{lead}{subject} cannot be read ({err.strerror}): check the file's permissions and that "
+            f"it is a file, as the user running transferlab. {fix}"
+        ) from None
     if not head:
         problem = "is empty (0 bytes)"
     elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # a zip archive, or a legacy torch.save pickle
@@ -94,11 +98,13 @@ def verify_checkpoint(path: str | Path, use: str = "init") -> None:
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
-        raise UserError(f"Refused to load {path}: it holds objects other than tensors and plain containers, "
-                        f"and loading it would run code from the file ({reason}). Nothing from it was run. Only "
-                        "checkpoints saved by transferlab/Lightning with plain hyperparameters, or plain state "
-                        "dicts, load; if you trust the file, re-save its state_dict as a plain dict. "
-                        f"{fix}") from None
+        raise UserError(
+            f"Refused to load {path}: it holds objects other than tensors and plain containers, "
+            f"and loading it would run code from the file ({reason}). Nothing from it was run. Only "
+            "checkpoints saved by transferlab/Lightning with plain hyperparameters, or plain state "
+            "dicts, load; if you trust the file, re-save its state_dict as a plain dict. "
+            f"{fix}"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise UserError(f"{lead}{subject} is truncated or not a PyTorch checkpoint ({err}). {fix}") from None
 
@@ -113,6 +119,8 @@ def _zip_problem(f) -> str | None:
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error) as err:
         return f"is truncated or corrupt ({err})"
     if bad:
-        return (f"is corrupt: its part {bad} does not match the CRC-32 checksum written with it, so bytes were "
-                "changed after it was saved")
+        return (
+            f"is corrupt: its part {bad} does not match the CRC-32 checksum written with it, so bytes were "
+            "changed after it was saved"
+        )
     return None

@@ -22,14 +22,14 @@ OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
 OmegaConf.register_new_resolver("resolve_precision", resolve_precision, replace=True)  # precision=auto
 
 
-
-
 def objective(results: dict, name: str) -> float:
     """The metric returned to sweepers; a missing one is an error that lists what exists."""
     metrics = results["metrics"]
     if name not in metrics:
-        raise UserError(f"objective={name!r} is not among this run's metrics: {', '.join(sorted(metrics)) or 'none'}. "
-                        "Set objective= to one of them.")
+        raise UserError(
+            f"objective={name!r} is not among this run's metrics: {', '.join(sorted(metrics)) or 'none'}. "
+            "Set objective= to one of them."
+        )
     value = float(metrics[name])
     if math.isnan(value):
         raise UserError(f"objective {name!r} is NaN: the run diverged or its metric could not be computed.")
@@ -43,9 +43,11 @@ def _report_user_errors(task):
     """Print a UserError as one message and exit 2. In a local sweep, the job's manifest records the failure,
     the job returns NaN (or the worst value, to Optuna) and the sweep goes on; `main` exits 1 at its end.
     A SLURM job (submitit) raises instead: its array runs to the end, then Hydra reports the failed job."""
+
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         from transferlab.interrupt import Interrupted  # imports Lightning: not at the CLI's import (--help)
+
         try:
             return task(cfg)
         except Interrupted as stop:
@@ -55,8 +57,10 @@ def _report_user_errors(task):
                 raise
             err = user_message(caught)
             if isinstance(caught, OmegaConfBaseException):  # e.g. an interpolation left dangling by an override
-                err = (f"Config error: {' '.join(line.strip() for line in err.splitlines())}. Fix the override or "
-                       "config file that sets this key (transferlab --cfg job prints the composed config).")
+                err = (
+                    f"Config error: {' '.join(line.strip() for line in err.splitlines())}. Fix the override or "
+                    "config file that sets this key (transferlab --cfg job prints the composed config)."
+                )
             log.error("%s", err)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 hydra_cfg = HydraConfig.get()
@@ -68,16 +72,23 @@ def _report_user_errors(task):
                 return _failed_value(direction)
             print(f"\ntransferlab: error: {err}", file=sys.stderr)
             sys.exit(2)
+
     return wrapped
 
 
 def _exit_interrupted(stop, cfg: DictConfig) -> None:
     """SIGTERM/SIGINT: one line and exit 128 + signal (143, 130), also in a sweep (the rest of it is not run)."""
     run_dir = cfg.paths.run_dir
-    where = (f"stage {stop.stage!r} is marked interrupted in {run_dir}/manifest.json" if stop.stage else
-             f"no stage was running in {run_dir}")
-    print(f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
-          "to resume.", file=sys.stderr)
+    where = (
+        f"stage {stop.stage!r} is marked interrupted in {run_dir}/manifest.json"
+        if stop.stage
+        else f"no stage was running in {run_dir}"
+    )
+    print(
+        f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
+        "to resume.",
+        file=sys.stderr,
+    )
     sys.exit(stop.exit_code)
 
 
@@ -94,12 +105,12 @@ def _failed_value(direction) -> float:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_report_user_errors
 def _main(cfg: DictConfig) -> float:
-    from transferlab import runlock
+    from transferlab import console, runlock
     from transferlab.interrupt import stop_on_signals
     from transferlab.pipeline import run
     from transferlab.slurm import check_slurm_tasks
     from transferlab.validation import check_objective
-    from transferlab import console
+
     console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
     check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
@@ -110,6 +121,7 @@ def _main(cfg: DictConfig) -> float:
 def main() -> None:
     """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
     from transferlab.validation import check_stage_overrides
+
     try:
         check_stage_overrides(sys.argv[1:])  # before Hydra, whose message would not name the valid keys
     except UserError as err:
@@ -117,8 +129,11 @@ def main() -> None:
         sys.exit(2)
     _main()
     if FAILED_JOBS:
-        print(f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "
-              + "\n  ".join(FAILED_JOBS), file=sys.stderr)
+        print(
+            f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "
+            + "\n  ".join(FAILED_JOBS),
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
@@ -127,6 +142,7 @@ def main() -> None:
 def evaluate(cfg: DictConfig) -> dict:
     from transferlab import console
     from transferlab.evaluate import evaluate_checkpoint
+
     console.configure(verbose=bool(cfg.get("verbose") or HydraConfig.get().verbose))
     return evaluate_checkpoint(cfg)
 

@@ -9,10 +9,24 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-ONCE = ("GPU available", "TPU available", "HPU available", "Using bfloat16", "Using 16bit",
-        "You are using a CUDA device", "Initializing distributed", "----", "distributed_backend")  # once per run
-HIDDEN = ("💡 Tip", "`Trainer.fit` stopped", "Restoring states from the checkpoint path",
-          "Loaded model weights from the checkpoint", "LOCAL_RANK")  # debugging detail: verbose only
+ONCE = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "Using bfloat16",
+    "Using 16bit",
+    "You are using a CUDA device",
+    "Initializing distributed",
+    "----",
+    "distributed_backend",
+)  # once per run
+HIDDEN = (
+    "💡 Tip",
+    "`Trainer.fit` stopped",
+    "Restoring states from the checkpoint path",
+    "Loaded model weights from the checkpoint",
+    "LOCAL_RANK",
+)  # debugging detail: verbose only
 
 
 class _Banner(logging.Filter):
@@ -77,10 +91,14 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
     if stage.scheduler.get("name", "none") != "none":
         opt += f" {stage.scheduler.name}"
     epochs = f"{trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''}"
-    parts = [f"stage {names.index(name) + 1}/{len(names)} {name}",
-             f"{stage.task} {type(datamodule).__name__} {datamodule.num_classes} classes",
-             f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val", start,
-             epochs + (" (head only)" if stage.get("trainable") == "head" else ""), opt]
+    parts = [
+        f"stage {names.index(name) + 1}/{len(names)} {name}",
+        f"{stage.task} {type(datamodule).__name__} {datamodule.num_classes} classes",
+        f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val",
+        start,
+        epochs + (" (head only)" if stage.get("trainable") == "head" else ""),
+        opt,
+    ]
     return " · ".join(parts)
 
 

@@ -20,8 +20,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise UserError(f"{cfg.ckpt} is not a transferlab ClassifierModule checkpoint (no model hyperparameters).")
     datamodule = build(cfg.data[cfg.task])
     if datamodule.num_classes != hparams["num_classes"]:
-        raise UserError(f"{cfg.ckpt} classifies {hparams['num_classes']} classes but data.{cfg.task} has "
-                        f"{datamodule.num_classes}: pick the task (task=source|target) and data it was trained on.")
+        raise UserError(
+            f"{cfg.ckpt} classifies {hparams['num_classes']} classes but data.{cfg.task} has "
+            f"{datamodule.num_classes}: pick the task (task=source|target) and data it was trained on."
+        )
     module = ClassifierModule.from_hparams(hparams)
     module.load_state_dict(checkpoint["state_dict"])
     trainer = make_trainer(cfg, logger=False, default_root_dir=cfg.paths.run_dir)

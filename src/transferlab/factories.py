@@ -13,8 +13,11 @@ from transferlab.checkpoint_io import AtomicCheckpointIO
 from transferlab.errors import UserError
 
 logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler doubles every line under Hydra
-for message in (".*IterableDataset.*has `__len__` defined", ".*is smaller than the logging interval",
-                ".*LeafSpec.*is deprecated"):  # expected with our batch loader / epoch-level logging
+for message in (
+    ".*IterableDataset.*has `__len__` defined",
+    ".*is smaller than the logging interval",
+    ".*LeafSpec.*is deprecated",
+):  # expected with our batch loader / epoch-level logging
     warnings.filterwarnings("ignore", message=message)
 
 

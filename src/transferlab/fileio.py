@@ -13,8 +13,16 @@ from filelock import FileLock, Timeout
 
 from transferlab.errors import UserError
 
-__all__ = ["atomic_write", "write_json_atomic", "read_json", "atomic_dir", "lock", "copy_file", "writable_dir",
-           "Timeout"]
+__all__ = [
+    "atomic_write",
+    "write_json_atomic",
+    "read_json",
+    "atomic_dir",
+    "lock",
+    "copy_file",
+    "writable_dir",
+    "Timeout",
+]
 
 
 def atomic_write(path: str | Path, data: bytes | str | memoryview) -> None:
@@ -103,5 +111,7 @@ def writable_dir(path: str | Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise UserError(f"{what} {path} cannot be written to ({err.strerror}: {err.filename}): point it at a "
-                        "folder you can write (a path whose parents are folders, not files).") from None
+        raise UserError(
+            f"{what} {path} cannot be written to ({err.strerror}: {err.filename}): point it at a "
+            "folder you can write (a path whose parents are folders, not files)."
+        ) from None

@@ -21,6 +21,7 @@ class StageRecord:
     """One stage of a run. `config_hash`/`config` are what its checkpoints were trained under (`config` is the
     hashed values, so a changed re-run can be shown the keys that differ); `attempts` are the numbers of the
     run's attempts (`.hydra/attempts/<n>/`) that trained it, all under that one hash."""
+
     status: str
     task: str | None = None
     config_hash: str | None = None
@@ -50,8 +51,10 @@ class StageRecord:
         names = {f.name for f in fields(cls)}
         if not isinstance(data, dict) or data.get("status") not in STATUSES or set(data) - names:
             found = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{where}is not a stage record (status one of {', '.join(STATUSES)}; "
-                             f"unexpected: {found or data.get('status')!r})")
+            raise ValueError(
+                f"{where}is not a stage record (status one of {', '.join(STATUSES)}; "
+                f"unexpected: {found or data.get('status')!r})"
+            )
         return cls(**data)
 
 
@@ -72,9 +75,11 @@ class Manifest:
                 raise ValueError("expected an object with a 'stages' object")
             stages = {name: StageRecord.from_json(s, f"stage {name!r} ") for name, s in data["stages"].items()}
         except (OSError, ValueError, TypeError) as err:
-            raise UserError(f"{path} is not a transferlab manifest ({err}): it was cut short, edited or written by "
-                            "another tool. Restore it from a backup, or run into a new folder (hydra.run.dir=...); "
-                            "the folder is left as it was.") from None
+            raise UserError(
+                f"{path} is not a transferlab manifest ({err}): it was cut short, edited or written by "
+                "another tool. Restore it from a backup, or run into a new folder (hydra.run.dir=...); "
+                "the folder is left as it was."
+            ) from None
         return cls(path, stages, {k: v for k, v in data.items() if k != "stages"})
 
     def get(self, name: str) -> StageRecord | None:

@@ -25,11 +25,11 @@ from transferlab.checkpoint_io import check_resumable
 from transferlab.errors import UserError, user_message
 from transferlab.factories import build, make_trainer
 from transferlab.fileio import writable_dir
+from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
 from transferlab.plan import StagePlan, check_rerun, plan_stages
 from transferlab.stage_cache import NoCache, StageCache
-from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunFolder:
     """What the stages of one attempt at a run folder share."""
+
     dir: Path
     manifest: Manifest
     cache: StageCache | NoCache
@@ -66,8 +67,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, manifest: Manifest, attempt: int) -> dict:
-    manifest.header = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-                       "provenance": provenance.collect()}
+    manifest.header = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "seed": cfg.seed,
+        "provenance": provenance.collect(),
+    }
     folder = RunFolder(run_dir, manifest, open_cache(cfg), attempt)
     data = Datasets(cfg)
     pending = []
@@ -110,10 +114,16 @@ def failed(plan: StagePlan, folder: RunFolder, err: BaseException, status: str =
     last = folder.dir / plan.name / "checkpoints" / "last.ckpt"
     before = folder.manifest.get(plan.name)
     trained = before.attempts if before and before.config_hash == plan.hash else []
-    return StageRecord(status=status, task=plan.stage.task, config_hash=plan.hash, config=plan.config,
-                       attempts=trained, reason=f"{type(err).__name__}: {user_message(err)}",
-                       last_ckpt=os.path.relpath(last, folder.dir) if last.is_file() else None,
-                       provenance=folder.provenance)
+    return StageRecord(
+        status=status,
+        task=plan.stage.task,
+        config_hash=plan.hash,
+        config=plan.config,
+        attempts=trained,
+        reason=f"{type(err).__name__}: {user_message(err)}",
+        last_ckpt=os.path.relpath(last, folder.dir) if last.is_file() else None,
+        provenance=folder.provenance,
+    )
 
 
 def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: "Datasets") -> StageRecord:
@@ -134,8 +144,9 @@ def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: "Dat
                 if rank_zero_only.rank == 0:
                     cache.publish(plan.name, plan.hash, folder.dir, record)
                 return record
-    log.info("Stage %s: reused from the stage cache (%s, trained in %s)", plan.name, record.cached_from,
-             record.trained_in)
+    log.info(
+        "Stage %s: reused from the stage cache (%s, trained in %s)", plan.name, record.cached_from, record.trained_in
+    )
     return record
 
 
@@ -152,18 +163,28 @@ def given_checkpoint(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> Sta
     loaded (weights only) and checked to fit the model before the stage is marked done."""
     path = Path(plan.stage.result_ckpt).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} does not exist: give the path "
-                        "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the "
-                        "stage.")
-    module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True), num_classes=2,
-                              optimizer={"name": "sgd", "lr": 1.0})
+        raise UserError(
+            f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} does not exist: give the path "
+            "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the "
+            "stage."
+        )
+    module = ClassifierModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True), num_classes=2, optimizer={"name": "sgd", "lr": 1.0}
+    )
     try:
         init_from_checkpoint(module, path, new_head=True)  # the head is checked by the stage that inits from it
     except UserError as err:
         raise UserError(f"stages.{plan.name}.result_ckpt: {err}") from None
     log.info("Stage %s: using the given checkpoint %s", plan.name, path)
-    return StageRecord(status="done", task=plan.stage.task, config_hash=plan.hash, config=plan.config,
-                       best_ckpt=str(path), given_ckpt=True, provenance=folder.provenance)
+    return StageRecord(
+        status="done",
+        task=plan.stage.task,
+        config_hash=plan.hash,
+        config=plan.config,
+        best_ckpt=str(path),
+        given_ckpt=True,
+        provenance=folder.provenance,
+    )
 
 
 def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule) -> StageRecord:
@@ -173,15 +194,23 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     callbacks = [build(c) for c in cfg.callbacks.values()] + console.progress_bars(cfg, name)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt
-    trainer = make_trainer(cfg, max_epochs=stage.epochs, callbacks=callbacks, default_root_dir=str(stage_dir),
-                           logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()])
+    trainer = make_trainer(
+        cfg,
+        max_epochs=stage.epochs,
+        callbacks=callbacks,
+        default_root_dir=str(stage_dir),
+        logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()],
+    )
     optimizer = OmegaConf.to_container(stage.optimizer, resolve=True)
     if cfg.scale_lr:  # linear scaling rule: lr x global batch / reference batch
         optimizer["lr"] *= datamodule.batch_size * trainer.world_size / cfg.reference_batch_size
-    module = ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True),
-                              num_classes=datamodule.num_classes, optimizer=optimizer,
-                              scheduler=OmegaConf.to_container(stage.scheduler, resolve=True),
-                              **methods.options(stage))
+    module = ClassifierModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        num_classes=datamodule.num_classes,
+        optimizer=optimizer,
+        scheduler=OmegaConf.to_container(stage.scheduler, resolve=True),
+        **methods.options(stage),
+    )
     last = stage_dir / "checkpoints" / "last.ckpt"
     for partial in (stage_dir / "checkpoints").glob("*.tmp"):  # a write cut short by a kill: never loaded
         log.info("Stage %s: removing %s, a checkpoint write that did not finish", name, partial)
@@ -191,33 +220,49 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     if resume:
         check_resumable(last)
         if before is None or before.config_hash != plan.hash or not before.attempts:  # no attempt trained it
-            raise UserError(f"{last} has no record in manifest.json of the config that trained it, so resuming it "
-                            f"could train on under other values: delete {stage_dir} to train the stage from its "
-                            "start, or use a new run folder (hydra.run.dir=...).")
+            raise UserError(
+                f"{last} has no record in manifest.json of the config that trained it, so resuming it "
+                f"could train on under other values: delete {stage_dir} to train the stage from its "
+                "start, or use a new run folder (hydra.run.dir=...)."
+            )
         log.info("Stage %s: resuming from %s", name, last)
     elif plan.init is not None:
         log.debug("Stage %s: initialised from %s (%s head)", name, plan.init, stage.init_head)
         init_from_checkpoint(module, plan.init, new_head=stage.init_head == "new")
-    record = StageRecord(status="running", task=stage.task, config_hash=plan.hash, config=plan.config,
-                         attempts=[*(before.attempts if resume else []), folder.attempt],
-                         init=stage.init or stage.get("init_ckpt"), provenance=folder.provenance,
-                         last_ckpt=os.path.relpath(last, folder.dir))
+    record = StageRecord(
+        status="running",
+        task=stage.task,
+        config_hash=plan.hash,
+        config=plan.config,
+        attempts=[*(before.attempts if resume else []), folder.attempt],
+        init=stage.init or stage.get("init_ckpt"),
+        provenance=folder.provenance,
+        last_ckpt=os.path.relpath(last, folder.dir),
+    )
     folder.manifest.record(name, record)  # before the first step: the hash its checkpoints are trained under
     log.info("%s", console.stage_header(cfg, name, datamodule, trainer, optimizer, resume, plan.init))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     best = checkpoint.best_model_path
     if not best:
-        raise UserError(f"Stage {name!r} saved no best checkpoint: was {checkpoint.monitor!r} logged? "
-                        "Check callbacks.model_checkpoint.monitor and trainer.limit_val_batches.")
+        raise UserError(
+            f"Stage {name!r} saved no best checkpoint: was {checkpoint.monitor!r} logged? "
+            "Check callbacks.model_checkpoint.monitor and trainer.limit_val_batches."
+        )
     fit_losses = {k: trainer.callback_metrics.get(f"{k}/loss") for k in ("train", "val")}
     [test] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     check_losses(name, stage_dir, datamodule.num_classes, **fit_losses, test=test.get("test/loss"))
-    return replace(record, status="done", best_ckpt=os.path.relpath(best, folder.dir),
-                   best_val=float(checkpoint.best_model_score), epochs=trainer.current_epoch,
-                   splits=datamodule.split_sizes(), data=datamodule.fingerprint(),
-                   test={k.removeprefix("test/"): float(v) for k, v in test.items()},
-                   wall_time_s=round(time.time() - start, 1))
+    return replace(
+        record,
+        status="done",
+        best_ckpt=os.path.relpath(best, folder.dir),
+        best_val=float(checkpoint.best_model_score),
+        epochs=trainer.current_epoch,
+        splits=datamodule.split_sizes(),
+        data=datamodule.fingerprint(),
+        test={k.removeprefix("test/"): float(v) for k, v in test.items()},
+        wall_time_s=round(time.time() - start, 1),
+    )
 
 
 class Datasets:
@@ -238,8 +283,10 @@ class Datasets:
         for plan in plans:
             task = plan.stage.task
             if self.loaded[task].split_sizes()["val"] == 0:
-                raise UserError(f"Stage {plan.name!r}: the validation split is empty; the best checkpoint is chosen on "
-                                f"it, so set data.{task}.val_fraction above 0 (or give more training samples).")
+                raise UserError(
+                    f"Stage {plan.name!r}: the validation split is empty; the best checkpoint is chosen on "
+                    f"it, so set data.{task}.val_fraction above 0 (or give more training samples)."
+                )
 
     def take(self, task: str):
         return self.loaded.pop(task, None) or build(self.cfg.data[task])

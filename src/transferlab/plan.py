@@ -45,14 +45,20 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
     stage = cfg.stages[name]
     if stage.get("result_ckpt"):
         path = Path(stage.result_ckpt).expanduser()
-        return {f"stages.{name}.result_ckpt": str(path.resolve()),
-                f"stages.{name}.result_ckpt (file size)": path.stat().st_size if path.is_file() else None}
-    return {"transferlab version": __version__, f"stages.{name}": plain(stage),
-            f"data.{stage.task}": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"},
-            "model": plain(cfg.model), "seed": cfg.seed,
-            "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS},
-            f"stages.{stage.init} (the init stage's config hash)": upstream,
-            "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None}
+        return {
+            f"stages.{name}.result_ckpt": str(path.resolve()),
+            f"stages.{name}.result_ckpt (file size)": path.stat().st_size if path.is_file() else None,
+        }
+    return {
+        "transferlab version": __version__,
+        f"stages.{name}": plain(stage),
+        f"data.{stage.task}": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"},
+        "model": plain(cfg.model),
+        "seed": cfg.seed,
+        "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS},
+        f"stages.{stage.init} (the init stage's config hash)": upstream,
+        "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
+    }
 
 
 def check_rerun(plan: StagePlan, record: StageRecord | None, run_dir: Path) -> None:
@@ -67,17 +73,22 @@ def check_rerun(plan: StagePlan, record: StageRecord | None, run_dir: Path) -> N
     changes = diff(record.config, plan.config) if record.config else []
     changed = "; ".join(changes) or f"config hash {record.config_hash} -> {plan.hash} (its values were not recorded)"
     how = "was run" if record.status == "done" else f"was partly trained (status {record.status})"
-    raise UserError(f"Stage {plan.name!r} in {run_dir} {how} with another configuration; changed: {changed}. "
-                    "Re-running into the same folder only continues the same experiment (resuming would train on "
-                    "under the old values): use a new run folder (hydra.run.dir=...), or delete "
-                    f"{run_dir / plan.name} and its entry in manifest.json to run that stage again.")
+    raise UserError(
+        f"Stage {plan.name!r} in {run_dir} {how} with another configuration; changed: {changed}. "
+        "Re-running into the same folder only continues the same experiment (resuming would train on "
+        "under the old values): use a new run folder (hydra.run.dir=...), or delete "
+        f"{run_dir / plan.name} and its entry in manifest.json to run that stage again."
+    )
 
 
 def diff(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every leaf that differs between two nested dicts (dotted keys)."""
     before, after = _flatten(old), _flatten(new)
-    return [f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
-            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    return [
+        f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -16,19 +16,30 @@ def collect() -> dict:
     """Code (git commit, dirty flag), Python/torch/Lightning/Hydra versions, and the machine."""
     return {
         "git": git_state(Path(__file__).resolve().parent),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__, "hydra": hydra.__version__},
-        "machine": {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu_name(),
-                    "cpu_count": _cpu_count(), "gpu_count": torch.cuda.device_count(),
-                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "hydra": hydra.__version__,
+        },
+        "machine": {
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "cpu": cpu_name(),
+            "cpu_count": _cpu_count(),
+            "gpu_count": torch.cuda.device_count(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
         "command": sys.argv,
     }
 
 
 def git_state(folder: Path) -> dict | None:
     """The commit of the checkout that holds `folder`, or None outside a git checkout (an installed wheel)."""
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:

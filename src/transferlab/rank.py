@@ -73,16 +73,29 @@ def rank(cfg: DictConfig) -> dict:
             raise UserError(f"Cached features of {c.name} were computed on other labels: delete {cache_dir}.")
         start = time.time()
         scores = {k: float(f"{v:.10g}") for k, v in all_scores(features, logits, labels).items()}  # round-off
-        c.row = {"candidate": c.name, **scores, "feature_dim": features.shape[1],  # ties stay ties for tau-b
-                 "source_classes": logits.shape[1], "forward_s": round(forward_s, 2),
-                 "scores_s": round(time.time() - start, 2), "checkpoint": str(c.path or "random")}
+        c.row = {
+            "candidate": c.name,
+            **scores,
+            "feature_dim": features.shape[1],  # ties stay ties for tau-b
+            "source_classes": logits.shape[1],
+            "forward_s": round(forward_s, 2),
+            "scores_s": round(time.time() - start, 2),
+            "checkpoint": str(c.path or "random"),
+        }
     for c in candidates:
         accs = results.get(c.name, [])
         c.row |= {"finetuned_acc": float(np.mean(accs)) if accs else None, "finetuned_n": len(accs)}
     rows = sorted((c.row for c in candidates), key=lambda r: -r[cfg.sort_by] if np.isfinite(r[cfg.sort_by]) else np.inf)
-    out = {"task": cfg.task, "split": "train", "samples": int(len(labels)), "data": fingerprint,
-           "sort_by": cfg.sort_by, "candidates": rows, "correlations": correlations(rows) if results else {},
-           "provenance": provenance.collect()}
+    out = {
+        "task": cfg.task,
+        "split": "train",
+        "samples": int(len(labels)),
+        "data": fingerprint,
+        "sort_by": cfg.sort_by,
+        "candidates": rows,
+        "correlations": correlations(rows) if results else {},
+        "provenance": provenance.collect(),
+    }
     write_tables(Path(cfg.paths.run_dir), out)
     return out
 
@@ -92,13 +105,18 @@ def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
     given = _plain(cfg.candidates)
     pairs = list(given.items()) if isinstance(given, dict) else [(None, str(g)) for g in given]
     if not pairs:
-        raise UserError("No candidates to rank: pass candidates=[<checkpoint>,<run folder>,...] (and `random` for "
-                        "a random-init baseline), e.g. candidates=[outputs/runs/<run>,random].")
+        raise UserError(
+            "No candidates to rank: pass candidates=[<checkpoint>,<run folder>,...] (and `random` for "
+            "a random-init baseline), e.g. candidates=[outputs/runs/<run>,random]."
+        )
     out = []
     for name, item in pairs:
         if str(item) == "random":
-            out.append(Candidate(name or "random", "random", model=OmegaConf.to_container(cfg.model, resolve=True),
-                                 seed=cfg.seed))
+            out.append(
+                Candidate(
+                    name or "random", "random", model=OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed
+                )
+            )
             continue
         path = checkpoint_of(Path(str(item)).expanduser(), cfg.stage)
         out.append(Candidate(name or _short_name(path, cfg.stage), str(item), path.resolve(), file_digest(path)))
@@ -127,8 +145,10 @@ def checkpoint_of(path: Path, stage: str) -> Path:
     entry = (read_json(path / "manifest.json") or {}).get("stages", {}).get(stage, {})
     ckpt = path / entry["best_ckpt"] if entry.get("best_ckpt") else path / stage / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
-        raise UserError(f"Run folder {path} has no best checkpoint for stage {stage!r} ({ckpt} is missing): pick "
-                        f"another stage with stage=<name>, or give the checkpoint file itself.")
+        raise UserError(
+            f"Run folder {path} has no best checkpoint for stage {stage!r} ({ckpt} is missing): pick "
+            f"another stage with stage=<name>, or give the checkpoint file itself."
+        )
     return ckpt
 
 
@@ -152,25 +172,32 @@ def load_candidate(c: Candidate) -> ClassifierModule:
     checkpoint = load_checkpoint(c.path)
     hparams = checkpoint.get("hyper_parameters")
     if not hparams or "model" not in hparams or "state_dict" not in checkpoint:
-        raise UserError(f"Candidate {c.name} ({c.path}) is not a transferlab ClassifierModule checkpoint (no model "
-                        "hyperparameters): give a checkpoint written by transferlab, e.g. <run>/source/checkpoints/"
-                        "best.ckpt.")
+        raise UserError(
+            f"Candidate {c.name} ({c.path}) is not a transferlab ClassifierModule checkpoint (no model "
+            "hyperparameters): give a checkpoint written by transferlab, e.g. <run>/source/checkpoints/"
+            "best.ckpt."
+        )
     module = ClassifierModule(**hparams)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise UserError(f"Candidate {c.name} ({c.path}): its weights do not fit the architecture its hyperparameters "
-                        f"name ({hparams['model']}): {first[:300]}. The file is damaged or was edited; use the "
-                        "checkpoint as transferlab wrote it.") from None
+        raise UserError(
+            f"Candidate {c.name} ({c.path}): its weights do not fit the architecture its hyperparameters "
+            f"name ({hparams['model']}): {first[:300]}. The file is damaged or was edited; use the "
+            "checkpoint as transferlab wrote it."
+        ) from None
     return module
 
 
 def candidate_outputs(cfg, c: Candidate, datamodule, fingerprint: dict, cache_dir: Path):
     """(features N x D float32, logits N x C_s float32, labels N) of one candidate: from the cache, or computed."""
     what = {"version": FEATURES_VERSION, "task": cfg.task, "data": fingerprint["hash"], "splits": fingerprint["splits"]}
-    what |= {"ckpt": c.digest} if c.path else {"random": c.model, "seed": c.seed, "classes": c.classes,
-                                               "torch": torch.__version__}
+    what |= (
+        {"ckpt": c.digest}
+        if c.path
+        else {"random": c.model, "seed": c.seed, "classes": c.classes, "torch": torch.__version__}
+    )
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.npz"
     if cfg.cache and path.is_file():
@@ -198,9 +225,11 @@ def forward(module: ClassifierModule, datamodule, cfg: DictConfig, name: str):
         try:
             h = module.backbone(x)
         except RuntimeError as err:
-            raise UserError(f"Candidate {name} ({module.hparams.model}) cannot take the {cfg.task} images "
-                            f"(batch {tuple(x.shape)}): {str(err).splitlines()[0][:200]}. Rank it on data of the "
-                            "image size it was trained for.") from None
+            raise UserError(
+                f"Candidate {name} ({module.hparams.model}) cannot take the {cfg.task} images "
+                f"(batch {tuple(x.shape)}): {str(err).splitlines()[0][:200]}. Rank it on data of the "
+                "image size it was trained for."
+            ) from None
         feats.append(h.flatten(1).float().cpu())
         logits.append(module.head(h).float().cpu())
         labels.append(y.cpu())
@@ -213,8 +242,10 @@ def read_results(cfg: DictConfig, candidates: list[Candidate]) -> dict[str, list
     sources = [Path(str(p)).expanduser() for p in (given if isinstance(given, list) else [given])]
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
-        raise UserError(f"results: {', '.join(missing)} does not exist. Give a .csv (candidate,accuracy), a .json "
-                        "{candidate: accuracy}, or the run/sweep folders that fine-tuned from the candidates.")
+        raise UserError(
+            f"results: {', '.join(missing)} does not exist. Give a .csv (candidate,accuracy), a .json "
+            "{candidate: accuracy}, or the run/sweep folders that fine-tuned from the candidates."
+        )
     by_key = {k: c.name for c in candidates for k in (c.name, c.given, str(c.path))}
     found: dict[str, list[float]] = {}
     unknown = []
@@ -225,11 +256,16 @@ def read_results(cfg: DictConfig, candidates: list[Candidate]) -> dict[str, list
             with open(source, newline="") as f:
                 pairs = [(r["candidate"], float(r["accuracy"])) for r in csv.DictReader(f)]
         elif source.suffix == ".json":
-            pairs = [(k, float(a)) for k, v in json.loads(source.read_text()).items()
-                     for a in (v if isinstance(v, list) else [v])]
+            pairs = [
+                (k, float(a))
+                for k, v in json.loads(source.read_text()).items()
+                for a in (v if isinstance(v, list) else [v])
+            ]
         else:
-            raise UserError(f"results={source}: give a .csv (candidate,accuracy), a .json {{candidate: accuracy}}, "
-                            "or run/sweep folders.")
+            raise UserError(
+                f"results={source}: give a .csv (candidate,accuracy), a .json {{candidate: accuracy}}, "
+                "or run/sweep folders."
+            )
         for key, acc in pairs:
             if key in by_key:
                 found.setdefault(by_key[key], []).append(acc)
@@ -238,8 +274,10 @@ def read_results(cfg: DictConfig, candidates: list[Candidate]) -> dict[str, list
     if unknown:
         log.warning("results for candidates not being ranked, ignored: %s", ", ".join(sorted(set(unknown))))
     if not found:
-        raise UserError(f"results={given}: none of it matches a candidate ({', '.join(c.name for c in candidates)}). "
-                        "Name the candidates as in the table, or give the runs that fine-tuned from them.")
+        raise UserError(
+            f"results={given}: none of it matches a candidate ({', '.join(c.name for c in candidates)}). "
+            "Name the candidates as in the table, or give the runs that fine-tuned from them."
+        )
     return found
 
 
@@ -262,12 +300,28 @@ def _results_from_runs(cfg: DictConfig, folder: Path, by_digest: dict[str, str])
 def correlations(rows: list[dict]) -> dict:
     scored = [r for r in rows if r["finetuned_acc"] is not None]
     acc = [r["finetuned_acc"] for r in scored]
-    return {s: {"kendall_tau": kendall_tau_b([r[s] for r in scored], acc),
-                "pearson_r": pearson_r([r[s] for r in scored], acc), "n": len(scored)} for s in SCORES}
+    return {
+        s: {
+            "kendall_tau": kendall_tau_b([r[s] for r in scored], acc),
+            "pearson_r": pearson_r([r[s] for r in scored], acc),
+            "n": len(scored),
+        }
+        for s in SCORES
+    }
 
 
-COLUMNS = ["rank", "candidate", *SCORES, "finetuned_acc", "finetuned_n", "feature_dim", "source_classes",
-           "forward_s", "scores_s", "checkpoint"]
+COLUMNS = [
+    "rank",
+    "candidate",
+    *SCORES,
+    "finetuned_acc",
+    "finetuned_n",
+    "feature_dim",
+    "source_classes",
+    "forward_s",
+    "scores_s",
+    "checkpoint",
+]
 
 
 def write_tables(run_dir: Path, out: dict) -> None:
@@ -284,10 +338,14 @@ def write_tables(run_dir: Path, out: dict) -> None:
     lines += ["| " + " | ".join(fmt(r[k]) for k in shown) + " |" for r in rows]
     if out["correlations"]:
         lines += ["", "| score | Kendall tau-b | Pearson r | n |", "|---|---|---|---|"]
-        lines += [f"| {s} | {fmt(v['kendall_tau'])} | {fmt(v['pearson_r'])} | {v['n']} |"
-                  for s, v in out["correlations"].items()]
-    text = (f"Ranking for the {out['task']} task ({out['samples']} training images, data {out['data']['hash']}), "
-            f"by {out['sort_by']}:\n\n" + "\n".join(lines) + "\n")
+        lines += [
+            f"| {s} | {fmt(v['kendall_tau'])} | {fmt(v['pearson_r'])} | {v['n']} |"
+            for s, v in out["correlations"].items()
+        ]
+    text = (
+        f"Ranking for the {out['task']} task ({out['samples']} training images, data {out['data']['hash']}), "
+        f"by {out['sort_by']}:\n\n" + "\n".join(lines) + "\n"
+    )
     atomic_write(run_dir / "ranking.md", f"# Source ranking ({run_dir})\n\n{text}")
     print(f"\n{text}\nWritten: {run_dir}/ranking.md, ranking.csv, ranking.json")
 

@@ -11,8 +11,13 @@ METRICS = ("acc", "acc_top5", "f1", "auroc")
 def summarise(stages: dict, compare: str | None = None, baseline: str | None = None) -> dict:
     """Flatten the manifest's stages into `{"<stage>/test/<metric>": value, "gain/<metric>": value}`, the gain
     being stage `compare`'s metric minus stage `baseline`'s (when both were tested)."""
-    flat = {f"{name}/test/{m}": s["test"][m] for name, s in stages.items() if s.get("status") == "done"
-            for m in METRICS if m in s["test"]}
+    flat = {
+        f"{name}/test/{m}": s["test"][m]
+        for name, s in stages.items()
+        if s.get("status") == "done"
+        for m in METRICS
+        if m in s["test"]
+    }
     for m in METRICS:
         if f"{compare}/test/{m}" in flat and f"{baseline}/test/{m}" in flat:
             flat[f"gain/{m}"] = flat[f"{compare}/test/{m}"] - flat[f"{baseline}/test/{m}"]
@@ -21,18 +26,26 @@ def summarise(stages: dict, compare: str | None = None, baseline: str | None = N
 
 def table(results: dict) -> str:
     stages = results["stages"]
-    lines = ["| stage | task | init | test acc | top-5 | macro F1 | macro AUROC | epochs | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | task | init | test acc | top-5 | macro F1 | macro AUROC | epochs | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in stages.items():
         t = s.get("test", {})
         cells = [_fmt(t.get(m), percent=m != "auroc") for m in METRICS]
-        lines.append(f"| {name} | {s.get('task', '')} | {s.get('init') or 'random'} | " + " | ".join(cells)
-                     + f" | {s.get('epochs', '')} | {s.get('wall_time_s', '')} s |")
+        lines.append(
+            f"| {name} | {s.get('task', '')} | {s.get('init') or 'random'} | "
+            + " | ".join(cells)
+            + f" | {s.get('epochs', '')} | {s.get('wall_time_s', '')} s |"
+        )
     gain = results["metrics"].get("gain/acc")
     if gain is not None:
         names = results.get("gain") or {"compare": "finetune", "baseline": "scratch"}
-        lines += ["", f"**Transfer gain** ({names['compare']} − {names['baseline']}, test accuracy): "
-                      f"**{gain * 100:+.2f} points**"]
+        lines += [
+            "",
+            f"**Transfer gain** ({names['compare']} − {names['baseline']}, test accuracy): "
+            f"**{gain * 100:+.2f} points**",
+        ]
     return "\n".join(lines) + "\n"
 
 

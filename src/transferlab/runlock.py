@@ -35,13 +35,22 @@ def hold(run_dir: str | Path):
         held.acquire()
     except Timeout:
         attempts.restore_latest(run_dir)  # Hydra wrote this refused run's config over the holder's
-        raise UserError(f"{run_dir} is in use by another transferlab run ({_describe(run_dir / OWNER)}). One run "
-                        "writes into a folder at a time: wait for it to end (or stop it), or run into another folder "
-                        "(hydra.run.dir=...).") from None
+        raise UserError(
+            f"{run_dir} is in use by another transferlab run ({_describe(run_dir / OWNER)}). One run "
+            "writes into a folder at a time: wait for it to end (or stop it), or run into another folder "
+            "(hydra.run.dir=...)."
+        ) from None
     owner = run_dir / OWNER
     try:
-        write_json_atomic(owner, {"host": socket.gethostname(), "pid": os.getpid(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
+        write_json_atomic(
+            owner,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": sys.argv,
+            },
+        )
         yield
     finally:
         owner.unlink(missing_ok=True)

@@ -27,8 +27,10 @@ def check_slurm_tasks(trainer: DictConfig, environ=os.environ) -> None:
     if isinstance(nodes, int) and got_nodes and int(got_nodes) != nodes:
         problems.append(f"{got_nodes} node(s) but trainer.num_nodes={nodes}")
     if problems:
-        raise UserError(f"This SLURM job has {' and '.join(problems)}. Lightning runs one process per device and "
-                        "takes them from SLURM (srun), so they must match: with hydra/launcher=slurm, "
-                        "hydra.launcher.tasks_per_node and hydra.launcher.nodes follow trainer.devices and "
-                        "trainer.num_nodes of the base config (don't override them, and don't sweep trainer.devices "
-                        "or trainer.num_nodes: one sweep's jobs share one set of resources).")
+        raise UserError(
+            f"This SLURM job has {' and '.join(problems)}. Lightning runs one process per device and "
+            "takes them from SLURM (srun), so they must match: with hydra/launcher=slurm, "
+            "hydra.launcher.tasks_per_node and hydra.launcher.nodes follow trainer.devices and "
+            "trainer.num_nodes of the base config (don't override them, and don't sweep trainer.devices "
+            "or trainer.num_nodes: one sweep's jobs share one set of resources)."
+        )

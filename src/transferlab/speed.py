@@ -38,6 +38,7 @@ def resolve_precision(precision, accelerator="cpu", flags: set[str] | None = Non
         return precision
     if str(accelerator) in ("gpu", "cuda"):
         import torch  # only here: the config is composed before anything heavy is imported
+
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     if str(accelerator) == "cpu":
         return "bf16-mixed" if native_bf16(flags) else "32-true"

@@ -39,13 +39,21 @@ class StageCache:
             entry = json.loads((entry_dir / "entry.json").read_text())
             record = StageRecord.from_json(entry, "its entry.json ")
         except ValueError as err:
-            raise UserError(f"Stage cache entry {entry_dir} is damaged ({err}): delete that folder (the stage is "
-                            "then trained again), or run with cache=false.") from None
+            raise UserError(
+                f"Stage cache entry {entry_dir} is damaged ({err}): delete that folder (the stage is "
+                "then trained again), or run with cache=false."
+            ) from None
         verify_checkpoint(entry_dir / "best.ckpt", "cache")  # a damaged entry is named, never handed on
         target = run_dir / name / "checkpoints" / "best.ckpt"
         copy_file(entry_dir / "best.ckpt", target)
-        return replace(record, best_ckpt=os.path.relpath(target, run_dir), last_ckpt=None, cached=True,
-                       cached_from=str(entry_dir.resolve()), wall_time_s=0.0)
+        return replace(
+            record,
+            best_ckpt=os.path.relpath(target, run_dir),
+            last_ckpt=None,
+            cached=True,
+            cached_from=str(entry_dir.resolve()),
+            wall_time_s=0.0,
+        )
 
     def publish(self, name: str, key: str, run_dir: Path, record: StageRecord) -> None:
         """Add a stage this run trained (under `key`, all of it) to the cache, unless another job did first."""

@@ -27,18 +27,25 @@ def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | No
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, members) in enumerate(lines.items()):
         dodge = 0.03 * (i - (len(lines) - 1) / 2)  # lines side by side, so their error bars stay apart
-        points = sorted((position[c["values"][x]], c["stats"][metric], c["jobs"]) for c in members
-                        if c["stats"][metric]["n"] > 0)
+        points = sorted(
+            (position[c["values"][x]], c["stats"][metric], c["jobs"]) for c in members if c["stats"][metric]["n"] > 0
+        )
         if not points:
             continue
-        px = [p * 10 ** dodge if log_x else p + dodge * gap for p, _, _ in points]
+        px = [p * 10**dodge if log_x else p + dodge * gap for p, _, _ in points]
         ys = [s["mean"] for _, s, _ in points]
         err = [0.0 if math.isnan(s["std"]) else s["std"] for _, s, _ in points]
         ax.errorbar(px, ys, yerr=err, marker="o", capsize=3, label=label or metric)
         for p, (_, s, jobs) in zip(px, points):
             if s["n"] < jobs:
-                ax.annotate(f"n={s['n']}/{jobs}", (p, s["mean"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color="red")
+                ax.annotate(
+                    f"n={s['n']}/{jobs}",
+                    (p, s["mean"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color="red",
+                )
     if log_x:
         ax.set_xscale("log")
     if numeric:

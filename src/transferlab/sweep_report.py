@@ -27,44 +27,66 @@ def collect(sweep_dir: Path) -> list[dict]:
     A job folder is a sub-folder named by its job number or holding `.hydra/`; one without its
     `.hydra/config.yaml` or `.hydra/overrides.yaml` is an error that names it."""
     if not sweep_dir.is_dir():
-        raise UserError(f"{sweep_dir} is not a folder: give the folder of a `transferlab -m ...` sweep "
-                        "(e.g. outputs/multirun/<date_time>).")
+        raise UserError(
+            f"{sweep_dir} is not a folder: give the folder of a `transferlab -m ...` sweep "
+            "(e.g. outputs/multirun/<date_time>)."
+        )
     if (sweep_dir / ".hydra").is_dir():
-        raise UserError(f"{sweep_dir} is a single run's folder (its table is {sweep_dir / 'results.md'}): give the "
-                        "folder of a sweep, which holds one such folder per job.")
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and (p.name.isdigit() or (p / ".hydra").exists())]
+        raise UserError(
+            f"{sweep_dir} is a single run's folder (its table is {sweep_dir / 'results.md'}): give the "
+            "folder of a sweep, which holds one such folder per job."
+        )
+    jobs = [
+        p
+        for p in sweep_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p.name.isdigit() or (p / ".hydra").exists())
+    ]
     if not jobs:
-        raise UserError(f"no job folders under {sweep_dir} (sub-folders holding .hydra/config.yaml and "
-                        ".hydra/overrides.yaml): give the folder of a `transferlab -m ...` sweep.")
+        raise UserError(
+            f"no job folders under {sweep_dir} (sub-folders holding .hydra/config.yaml and "
+            ".hydra/overrides.yaml): give the folder of a `transferlab -m ...` sweep."
+        )
     return [_job_row(job) for job in sorted(jobs, key=_job_key)]
 
 
 def _job_row(job: Path) -> dict:
     config, overrides = (_read_yaml(job, name) for name in ("config.yaml", "overrides.yaml"))
     if not isinstance(config, dict) or not isinstance(overrides, list | type(None)):
-        raise UserError(f"{job / '.hydra'}: config.yaml must hold a mapping and overrides.yaml a list, as Hydra "
-                        "writes them; this folder was not written by a transferlab sweep, move it out of the sweep.")
+        raise UserError(
+            f"{job / '.hydra'}: config.yaml must hold a mapping and overrides.yaml a list, as Hydra "
+            "writes them; this folder was not written by a transferlab sweep, move it out of the sweep."
+        )
     pairs = (str(o).split("=", 1) for o in overrides or [] if "=" in str(o))
     metrics = _read_json(job / "results.json") or {}
     manifest = _read_json(job / "manifest.json") or {}
-    failed = [f"{name}: {s.get('reason', 'failed')}" for name, s in manifest.get("stages", {}).items()
-              if s.get("status") == "failed"]
-    return {"job": job.name, "status": "done" if metrics else "failed", "reason": "; ".join(failed),
-            "overrides": {k.lstrip("+"): v for k, v in pairs},
-            "objective": metrics.get(config.get("objective"), math.nan), "metrics": metrics}
+    failed = [
+        f"{name}: {s.get('reason', 'failed')}"
+        for name, s in manifest.get("stages", {}).items()
+        if s.get("status") == "failed"
+    ]
+    return {
+        "job": job.name,
+        "status": "done" if metrics else "failed",
+        "reason": "; ".join(failed),
+        "overrides": {k.lstrip("+"): v for k, v in pairs},
+        "objective": metrics.get(config.get("objective"), math.nan),
+        "metrics": metrics,
+    }
 
 
 def _read_yaml(job: Path, name: str):
     path = job / ".hydra" / name
     if not path.is_file():
-        raise UserError(f"job folder {job} has no .hydra/{name}: every job of a sweep holds the config.yaml and "
-                        "overrides.yaml Hydra writes; move a folder that is not a job out of the sweep, or re-run it.")
+        raise UserError(
+            f"job folder {job} has no .hydra/{name}: every job of a sweep holds the config.yaml and "
+            "overrides.yaml Hydra writes; move a folder that is not a job out of the sweep, or re-run it."
+        )
     try:
         return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} cannot be read ({type(err).__name__}): re-run that job or move it out of the "
-                        "sweep.") from None
+        raise UserError(
+            f"{path} cannot be read ({type(err).__name__}): re-run that job or move it out of the sweep."
+        ) from None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -97,13 +119,23 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
     for values, members in cells.items():
         stats = {}
         for name in names:
-            xs = [float(v) for r in members if isinstance(v := r["metrics"].get(name), int | float)
-                  and math.isfinite(v)]
-            stats[name] = {"mean": statistics.fmean(xs) if xs else math.nan,
-                           "std": statistics.stdev(xs) if len(xs) > 1 else math.nan, "n": len(xs)}
-        out.append({"values": dict(zip(keys, values)), "jobs": len(members),
-                    "failed": sum(r["status"] != "done" for r in members),
-                    "seeds": [r["overrides"].get(OVER, "") for r in members], "stats": stats})
+            xs = [
+                float(v) for r in members if isinstance(v := r["metrics"].get(name), int | float) and math.isfinite(v)
+            ]
+            stats[name] = {
+                "mean": statistics.fmean(xs) if xs else math.nan,
+                "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+                "n": len(xs),
+            }
+        out.append(
+            {
+                "values": dict(zip(keys, values)),
+                "jobs": len(members),
+                "failed": sum(r["status"] != "done" for r in members),
+                "seeds": [r["overrides"].get(OVER, "") for r in members],
+                "stats": stats,
+            }
+        )
     return out
 
 
@@ -113,8 +145,9 @@ def default_metrics(rows: list[dict]) -> list[str]:
     return [m for m in ["gain/acc", *sorted(n for n in names if n.endswith("/test/acc"))] if m in names]
 
 
-def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x: str | None = None,
-          line: str | None = None) -> list[Path]:
+def write(
+    sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x: str | None = None, line: str | None = None
+) -> list[Path]:
     """report.md (cells, then jobs), report.csv (jobs), report_cells.csv (cells) and one PNG per metric."""
     swept = swept_keys(rows)
     keys = [k for k in swept if k != OVER]
@@ -122,22 +155,35 @@ def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x
     unknown = [m for m in metrics if not any(m in r["metrics"] for r in rows)]
     if unknown:
         known = sorted({m for r in rows for m in r["metrics"]})
-        raise UserError(f"metric(s) {', '.join(unknown)} are in no job's results.json; available: "
-                        f"{', '.join(known) or 'none (every job failed)'}.")
+        raise UserError(
+            f"metric(s) {', '.join(unknown)} are in no job's results.json; available: "
+            f"{', '.join(known) or 'none (every job failed)'}."
+        )
     cells = aggregate(rows, keys)
     job_header, job_table = _job_table(rows, swept)
     cell_header, cell_table = _cell_table(cells, keys, sorted({m for r in rows for m in r["metrics"]}))
     _write_csv(sweep_dir / "report.csv", job_header, job_table)
     _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
     shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
-    text = [f"# Sweep {sweep_dir}", "", f"## Mean ± standard deviation over `{OVER}` (n = jobs with a value)", "",
-            _markdown([*keys, "jobs", "failed jobs", *metrics],
-                      [[*c["values"].values(), c["jobs"], c["failed"], *(_cell(c, m) for m in metrics)]
-                       for c in cells]),
-            "", "## Jobs", "",
-            _markdown([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table])]
-    failures = [f"- job {r['job']}: {r['reason'] or 'no results.json (failed, or not finished)'}"
-                for r in rows if r["status"] != "done"]
+    text = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"## Mean ± standard deviation over `{OVER}` (n = jobs with a value)",
+        "",
+        _markdown(
+            [*keys, "jobs", "failed jobs", *metrics],
+            [[*c["values"].values(), c["jobs"], c["failed"], *(_cell(c, m) for m in metrics)] for c in cells],
+        ),
+        "",
+        "## Jobs",
+        "",
+        _markdown([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table]),
+    ]
+    failures = [
+        f"- job {r['job']}: {r['reason'] or 'no results.json (failed, or not finished)'}"
+        for r in rows
+        if r["status"] != "done"
+    ]
     if failures:
         text += ["", "## Failed jobs", "", *failures]
     atomic_write(sweep_dir / "report.md", "\n".join(text) + "\n")
@@ -149,6 +195,7 @@ def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x
             if key is not None and key not in keys:
                 raise UserError(f"{what} {key}: not a key this sweep varies; swept keys: {', '.join(keys)}.")
         from transferlab.sweep_plot import plot  # matplotlib only when a plot is drawn
+
         plots = [plot(sweep_dir, cells, m, x, line) for m in metrics]
     return [sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "report_cells.csv", *plots]
 
@@ -156,15 +203,30 @@ def write(sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x
 def _job_table(rows: list[dict], swept: list[str]) -> tuple[list[str], list[list]]:
     names = sorted({k for r in rows for k in r["metrics"]})
     header = ["job", "status", *swept, "objective", *names]
-    return header, [[r["job"], r["status"], *[r["overrides"].get(k, "") for k in swept], _fmt(r["objective"]),
-                     *[_fmt(r["metrics"].get(m)) for m in names]] for r in rows]
+    return header, [
+        [
+            r["job"],
+            r["status"],
+            *[r["overrides"].get(k, "") for k in swept],
+            _fmt(r["objective"]),
+            *[_fmt(r["metrics"].get(m)) for m in names],
+        ]
+        for r in rows
+    ]
 
 
 def _cell_table(cells: list[dict], keys: list[str], names: list[str]) -> tuple[list[str], list[list]]:
     header = [*keys, "jobs", "failed", OVER + "s", *[f"{m} {s}" for m in names for s in ("mean", "std", "n")]]
-    return header, [[*c["values"].values(), c["jobs"], c["failed"], " ".join(c["seeds"]),
-                     *[v for m in names for v in (_fmt(c["stats"][m]["mean"]), _fmt(c["stats"][m]["std"]),
-                                                  c["stats"][m]["n"])]] for c in cells]
+    return header, [
+        [
+            *c["values"].values(),
+            c["jobs"],
+            c["failed"],
+            " ".join(c["seeds"]),
+            *[v for m in names for v in (_fmt(c["stats"][m]["mean"]), _fmt(c["stats"][m]["std"]), c["stats"][m]["n"])],
+        ]
+        for c in cells
+    ]
 
 
 def _cell(cell: dict, metric: str) -> str:
@@ -215,10 +277,16 @@ class ReportAtEnd(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date_time>")
-    parser.add_argument("--metrics", nargs="+", help="metrics to tabulate and plot (keys of results.json); "
-                        "default: gain/acc and each <stage>/test/acc")
-    parser.add_argument("--x", help="swept key on the plots' x axis (default data.target.samples_per_class "
-                        "when swept, else the first swept key); log scale when numeric and spanning >= 10x")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        help="metrics to tabulate and plot (keys of results.json); default: gain/acc and each <stage>/test/acc",
+    )
+    parser.add_argument(
+        "--x",
+        help="swept key on the plots' x axis (default data.target.samples_per_class "
+        "when swept, else the first swept key); log scale when numeric and spanning >= 10x",
+    )
     parser.add_argument("--line", help="swept key drawn as one line per value (default: the next swept key)")
     args = parser.parse_args(argv)
     try:

@@ -19,8 +19,10 @@ def load_checkpoint(path: str | Path) -> dict:
     checkpoint, zip CRCs right, nothing that would run code)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Checkpoint {path} does not exist: give the path of a .ckpt file "
-                        "(e.g. <run>/finetune/checkpoints/best.ckpt).")
+        raise UserError(
+            f"Checkpoint {path} does not exist: give the path of a .ckpt file "
+            "(e.g. <run>/finetune/checkpoints/best.ckpt)."
+        )
     verify_checkpoint(path, "init")
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -35,18 +37,31 @@ def init_from_checkpoint(module: nn.Module, path: str | Path, new_head: bool) ->
     own = module.state_dict()
     missing = [k for k in own if k not in state and not (new_head and k.startswith("head."))]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in state if k in own and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     saved_model = checkpoint.get("hyper_parameters", {}).get("model")
     if mismatched and all(m.startswith("head.") for m in mismatched) and not (missing or unexpected):
-        raise UserError(f"{path} has a head for another class count ({'; '.join(mismatched)}): set this stage's "
-                        "init_head=new to start a new head for the target classes.")
+        raise UserError(
+            f"{path} has a head for another class count ({'; '.join(mismatched)}): set this stage's "
+            "init_head=new to start a new head for the target classes."
+        )
     if missing or unexpected or mismatched:
-        details = "; ".join(f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                            for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("shape mismatch (checkpoint vs model)", mismatched)) if keys)
+        details = "; ".join(
+            f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch (checkpoint vs model)", mismatched),
+            )
+            if keys
+        )
         built = getattr(module, "hparams", {}).get("model")
-        raise UserError(f"{path} does not fit this model ({details}). The checkpoint was saved for model "
-                        f"{saved_model}, this stage builds {built}: use a checkpoint of the same architecture "
-                        "or change model=.")
+        raise UserError(
+            f"{path} does not fit this model ({details}). The checkpoint was saved for model "
+            f"{saved_model}, this stage builds {built}: use a checkpoint of the same architecture "
+            "or change model=."
+        )
     module.load_state_dict(state, strict=False)

@@ -23,8 +23,9 @@ def _onehot(labels: np.ndarray) -> np.ndarray:
     return np.eye(int(labels.max()) + 1)[labels]
 
 
-def logme_fit(features: np.ndarray, labels: np.ndarray, max_iter: int = LOGME_MAX_ITER,
-              tol: float = LOGME_TOL) -> list[dict]:
+def logme_fit(
+    features: np.ndarray, labels: np.ndarray, max_iter: int = LOGME_MAX_ITER, tol: float = LOGME_TOL
+) -> list[dict]:
     """Per target class c: the evidence maximisation of y_c = F w + noise, w ~ N(0, alpha^-1 I),
     noise ~ N(0, beta^-1 I), by the fixed-point updates alpha = gamma / |m|^2, beta = (N - gamma) / |y - F m|^2
     (MacKay), from alpha = beta = 1, stopping when alpha/beta changes by less than `tol` (relative).
@@ -40,7 +41,7 @@ def logme_fit(features: np.ndarray, labels: np.ndarray, max_iter: int = LOGME_MA
     s = np.clip(s, 0.0, None)
     z2 = (v.T @ (f.T @ y)) ** 2  # D x C
     z2[s <= 1e-12 * s.max()] = 0.0  # F^T y has no component in F's null space; drop the round-off there
-    y2 = (y ** 2).sum(0)
+    y2 = (y**2).sum(0)
 
     def terms(t: float, c: int):
         m2 = (z2[:, c] / (t + s) ** 2).sum()
@@ -58,8 +59,14 @@ def logme_fit(features: np.ndarray, labels: np.ndarray, max_iter: int = LOGME_MA
             if abs(alpha / beta - t) / t < tol:
                 break
         m2, res2 = terms(alpha / beta, c)
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+        evidence = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - 0.5 * np.log(alpha + beta * s).sum()
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
         out.append({"alpha": float(alpha), "beta": float(beta), "evidence": float(evidence / n)})
     return out
 
@@ -105,7 +112,7 @@ def h_score(features: np.ndarray, labels: np.ndarray, rcond: float = 1e-10) -> f
     counts = np.bincount(y)
     means = (_onehot(y).T @ f)[counts > 0] / counts[counts > 0, None]  # C x D, centred class means
     proj = means @ v[:, keep]
-    return float((counts[counts > 0] * (proj ** 2 / w[keep]).sum(1)).sum() / (n - 1))
+    return float((counts[counts > 0] * (proj**2 / w[keep]).sum(1)).sum() / (n - 1))
 
 
 def kendall_tau_b(x, y) -> float:
@@ -122,7 +129,7 @@ def pearson_r(x, y) -> float:
     """Pearson's r; NaN when either side is constant."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x ** 2).sum() * (y ** 2).sum())
+    denom = np.sqrt((x**2).sum() * (y**2).sum())
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
@@ -134,5 +141,9 @@ def all_scores(features: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> 
     logits = np.asarray(logits, dtype=np.float64)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    return {"logme": logme(features, labels), "leep": leep(probs, labels), "nce": nce(logits.argmax(1), labels),
-            "hscore": h_score(features, labels)}
+    return {
+        "logme": logme(features, labels),
+        "leep": leep(probs, labels),
+        "nce": nce(logits.argmax(1), labels),
+        "hscore": h_score(features, labels),
+    }

@@ -14,18 +14,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import CONF_DIR
+from transferlab import CONF_DIR, methods
 from transferlab.data.splits import check_settings
 from transferlab.errors import UserError
 from transferlab.models import BACKBONES, INPUT_SIZES
-from transferlab import methods
 from transferlab.optim import OPTIMIZERS
 from transferlab.report import METRICS
 
 # Old names -> new ones. Each old name stays in conf/ as a null placeholder (or, for a group option, a file that
 # sets `refused_option`) so that using it is refused with a message naming the new name.
-RENAMED = {"recipe=seed": "recipe=mission", "trainer.max_epochs": "trainer.max_epochs_per_stage",
-           "ckpt": "result_ckpt", "train": "trainable"}  # the last two: stages.<stage>.<key>
+RENAMED = {
+    "recipe=seed": "recipe=mission",
+    "trainer.max_epochs": "trainer.max_epochs_per_stage",
+    "ckpt": "result_ckpt",
+    "train": "trainable",
+}  # the last two: stages.<stage>.<key>
 STAGE_SCHEMA = Path(CONF_DIR) / "stage" / "default.yaml"  # the default stage: its keys are a stage's keys
 INIT_HEADS = ("new", "keep")
 
@@ -52,8 +55,10 @@ def validate(cfg: DictConfig) -> None:
 def validate_eval(cfg: DictConfig) -> None:
     """`transferlab-eval`'s config (`conf/eval.yaml`)."""
     if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UserError("No checkpoint given: pass ckpt=<path to a .ckpt>, e.g. ckpt=outputs/runs/<run>/finetune/"
-                        "checkpoints/best.ckpt, and the data it was trained for (data=..., task=source|target).")
+        raise UserError(
+            "No checkpoint given: pass ckpt=<path to a .ckpt>, e.g. ckpt=outputs/runs/<run>/finetune/"
+            "checkpoints/best.ckpt, and the data it was trained for (data=..., task=source|target)."
+        )
     _refuse_renamed(cfg)
     if cfg.task not in _tasks(cfg.data):
         raise UserError(f"task={cfg.task!r}: the data config has tasks {' and '.join(_tasks(cfg.data))}.")
@@ -67,12 +72,14 @@ def whole_number(key: str, value, minimum: int = 1, optional: bool = False) -> N
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{key} must be {'null or ' if optional else ''}a whole number of at least {minimum}, "
-                        f"got {_show(value)}.")
+        raise UserError(
+            f"{key} must be {'null or ' if optional else ''}a whole number of at least {minimum}, got {_show(value)}."
+        )
 
 
-def number(key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False,
-           optional: bool = False) -> None:
+def number(
+    key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False, optional: bool = False
+) -> None:
     """A real number in a range (bools and strings refused); the range as written in the message."""
     if optional and value is None:
         return
@@ -129,27 +136,37 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         raise UserError(f"{at} must be a stage (a mapping); add one from the default with +stage@{at}=default.")
     for key in stage:
         if key in RENAMED and stage[key] is not None:
-            raise UserError(f"{at}.{key} was renamed {at}.{RENAMED[key]}: use {at}.{RENAMED[key]}={stage[key]} "
-                            "instead.")
+            raise UserError(
+                f"{at}.{key} was renamed {at}.{RENAMED[key]}: use {at}.{RENAMED[key]}={stage[key]} instead."
+            )
         if key not in valid and key not in RENAMED:
             raise UserError(f"{at}: unknown key {key}; valid: {', '.join(valid)}.")
     missing = [k for k in valid if k not in stage]
     if missing:
-        raise UserError(f"{at} lacks {', '.join(missing)}: a stage added on the command line starts from the "
-                        f"default stage with +stage@{at}=default (then set what differs).")
+        raise UserError(
+            f"{at} lacks {', '.join(missing)}: a stage added on the command line starts from the "
+            f"default stage with +stage@{at}=default (then set what differs)."
+        )
     if stage.task not in _tasks(cfg.data):
-        raise UserError(f"{at}.task={stage.task!r}: the data config {cfg.data.get('name', '')} has no such task; "
-                        f"use one of: {', '.join(_tasks(cfg.data))}.")
-    earlier = list(cfg.stages)[:list(cfg.stages).index(name)]
+        raise UserError(
+            f"{at}.task={stage.task!r}: the data config {cfg.data.get('name', '')} has no such task; "
+            f"use one of: {', '.join(_tasks(cfg.data))}."
+        )
+    earlier = list(cfg.stages)[: list(cfg.stages).index(name)]
     if stage.init is not None and stage.init not in earlier:
-        raise UserError(f"{at}.init={stage.init!r} must name an earlier stage "
-                        f"(stages before it: {', '.join(earlier) or 'none'}).")
+        raise UserError(
+            f"{at}.init={stage.init!r} must name an earlier stage (stages before it: {', '.join(earlier) or 'none'})."
+        )
     if stage.init is not None and stage.init_ckpt:
-        raise UserError(f"{at} has both init={stage.init!r} and init_ckpt={stage.init_ckpt!r}: "
-                        f"a stage starts from one of them; set {at}.init=null to use the file.")
+        raise UserError(
+            f"{at} has both init={stage.init!r} and init_ckpt={stage.init_ckpt!r}: "
+            f"a stage starts from one of them; set {at}.init=null to use the file."
+        )
     if stage.init_ckpt and not Path(str(stage.init_ckpt)).expanduser().is_file():
-        raise UserError(f"{at}.init_ckpt={stage.init_ckpt}: no such file. Give the path of a .ckpt "
-                        "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict.")
+        raise UserError(
+            f"{at}.init_ckpt={stage.init_ckpt}: no such file. Give the path of a .ckpt "
+            "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict."
+        )
     if stage.init_head not in INIT_HEADS:
         raise UserError(f"{at}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
     whole_number(f"{at}.epochs", stage.epochs)
@@ -166,8 +183,10 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
 def check_gain(cfg: DictConfig) -> None:
     gain = cfg.get("gain")
     if gain is not None and (not isinstance(gain, DictConfig) or set(gain) != {"compare", "baseline"}):
-        raise UserError(f"gain must be null or have the keys compare and baseline (two stage names: gain/<metric> "
-                        f"is compare's test metric minus baseline's), got {_show(gain)}.")
+        raise UserError(
+            f"gain must be null or have the keys compare and baseline (two stage names: gain/<metric> "
+            f"is compare's test metric minus baseline's), got {_show(gain)}."
+        )
 
 
 def check_objective(cfg: DictConfig) -> None:
@@ -180,12 +199,22 @@ def check_objective(cfg: DictConfig) -> None:
     with_gain = gain is not None and gain.compare in tested and gain.baseline in tested
     produced = [f"{n}/test/{m}" for n in tested for m in METRICS] + [f"gain/{m}" for m in METRICS if with_gain]
     if cfg.objective not in produced:
-        why = (f" (gain/<metric> is gain.compare={gain.compare} minus gain.baseline={gain.baseline}: both must be "
-               "stages of this run)" if gain is not None and str(cfg.objective).startswith("gain/") else "")
-        what = (f"<stage>/test/<metric> for the stages {', '.join(tested)}{' and gain/<metric>' if with_gain else ''}"
-                f", <metric> one of {', '.join(METRICS)}" if tested else "no metric (no stage is tested)")
-        raise UserError(f"objective={cfg.objective!r} is not a metric this run will produce{why}. It produces {what}: "
-                        f"set objective= to one of them (e.g. objective={(produced or ['none'])[0]}).")
+        why = (
+            f" (gain/<metric> is gain.compare={gain.compare} minus gain.baseline={gain.baseline}: both must be "
+            "stages of this run)"
+            if gain is not None and str(cfg.objective).startswith("gain/")
+            else ""
+        )
+        what = (
+            f"<stage>/test/<metric> for the stages {', '.join(tested)}{' and gain/<metric>' if with_gain else ''}"
+            f", <metric> one of {', '.join(METRICS)}"
+            if tested
+            else "no metric (no stage is tested)"
+        )
+        raise UserError(
+            f"objective={cfg.objective!r} is not a metric this run will produce{why}. It produces {what}: "
+            f"set objective= to one of them (e.g. objective={(produced or ['none'])[0]})."
+        )
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -205,9 +234,16 @@ def check_data(data: DictConfig, tasks) -> None:
 def check_data_module(at: str, node: DictConfig) -> None:
     """The split and loader settings, by the data layer's own check (one definition); the classes are resolved
     (names, repeats, range) by the data module, which knows its classes, when `pipeline` builds it."""
-    check_settings(at, node.get("batch_size", 1), node.get("eval_batch_size"), node.get("num_workers", 0),
-                   node.get("val_fraction", 0.1), node.get("samples_per_class"), node.get("label_fraction"),
-                   node.get("test_fraction", 0.2))
+    check_settings(
+        at,
+        node.get("batch_size", 1),
+        node.get("eval_batch_size"),
+        node.get("num_workers", 0),
+        node.get("val_fraction", 0.1),
+        node.get("samples_per_class"),
+        node.get("label_fraction"),
+        node.get("test_fraction", 0.2),
+    )
     whole_number(f"{at}.image_size", node.get("image_size", 32))
 
 
@@ -223,9 +259,11 @@ def check_image_size(cfg: DictConfig, tasks) -> None:
     for task in sorted(tasks):
         size = cfg.data[task].get("image_size", 32)
         if need is not None and size != need:
-            raise UserError(f"model={cfg.model.name} takes {need}x{need} images but data.{task}.image_size={size}: "
-                            f"set data.{task}.image_size={need}, or use a model that takes any size "
-                            f"(e.g. model=resnet18).")
+            raise UserError(
+                f"model={cfg.model.name} takes {need}x{need} images but data.{task}.image_size={size}: "
+                f"set data.{task}.image_size={need}, or use a model that takes any size "
+                f"(e.g. model=resnet18)."
+            )
 
 
 # -- trainer ---------------------------------------------------------------------------------------------
@@ -245,9 +283,13 @@ def check_devices(trainer: DictConfig) -> None:
         return
     wanted = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
     if available == 0:
-        raise UserError(f"trainer.accelerator={accelerator} but this machine has no visible GPU "
-                        f"(torch.cuda.device_count() is 0): {fix}, or run where a GPU is visible.")
+        raise UserError(
+            f"trainer.accelerator={accelerator} but this machine has no visible GPU "
+            f"(torch.cuda.device_count() is 0): {fix}, or run where a GPU is visible."
+        )
     if isinstance(wanted, int) and not isinstance(wanted, bool) and (wanted > available or wanted == 0):
-        raise UserError(f"trainer.devices={devices} but this machine has {available} {what} "
-                        f"(accelerator={accelerator}): set trainer.devices between 1 and {available}, or -1 for all; "
-                        f"{fix}.")
+        raise UserError(
+            f"trainer.devices={devices} but this machine has {available} {what} "
+            f"(accelerator={accelerator}): set trainer.devices between 1 and {available}, or -1 for all; "
+            f"{fix}."
+        )

@@ -8,5 +8,12 @@ from transferlab.data.image_folder import ImageFolderDataModule
 from transferlab.data.imagenet import ImageNetDataModule
 from transferlab.data.imagenet_downsampled import DownsampledImageNetDataModule
 
-__all__ = ["ClassificationDataModule", "BuiltinDataModule", "CIFAR10DataModule", "CIFAR100DataModule",
-           "ImageFolderDataModule", "ImageNetDataModule", "DownsampledImageNetDataModule"]
+__all__ = [
+    "ClassificationDataModule",
+    "BuiltinDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ImageFolderDataModule",
+    "ImageNetDataModule",
+    "DownsampledImageNetDataModule",
+]

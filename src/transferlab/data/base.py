@@ -37,23 +37,47 @@ class ClassificationDataModule(L.LightningDataModule):
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 val_fraction: float = 0.1, classes: int | Sequence[int | str] | None = None,
-                 samples_per_class: int | None = None, label_fraction: float | None = None,
-                 augment: bool = True, loader: str = "memory", pin_memory: bool | None = None,
-                 device_resident: bool = False, seed: int = 0, image_size: int = 32, test_fraction: float = 0.2,
-                 cache_dir: str | None = None, role: str = "target"):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        classes: int | Sequence[int | str] | None = None,
+        samples_per_class: int | None = None,
+        label_fraction: float | None = None,
+        augment: bool = True,
+        loader: str = "memory",
+        pin_memory: bool | None = None,
+        device_resident: bool = False,
+        seed: int = 0,
+        image_size: int = 32,
+        test_fraction: float = 0.2,
+        cache_dir: str | None = None,
+        role: str = "target",
+    ):
         super().__init__()
         self.key = f"data.{role}"
-        check_settings(self.key, batch_size, eval_batch_size, num_workers, val_fraction, samples_per_class,
-                       label_fraction, test_fraction)
+        check_settings(
+            self.key,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            val_fraction,
+            samples_per_class,
+            label_fraction,
+            test_fraction,
+        )
         if loader not in self.loaders:
-            raise UserError(f"{type(self).__name__} supports {self.key}.loader={' | '.join(self.loaders)}, "
-                            f"not {loader!r}.")
+            raise UserError(
+                f"{type(self).__name__} supports {self.key}.loader={' | '.join(self.loaders)}, not {loader!r}."
+            )
         self.loader, self.input = loader, INPUTS[loader]
         if device_resident and not self.input.can_be_resident:
-            raise UserError(f"{self.key}.device_resident=true keeps an in-memory split on the device: it needs "
-                            f"loader=memory, not {loader!r}.")
+            raise UserError(
+                f"{self.key}.device_resident=true keeps an in-memory split on the device: it needs "
+                f"loader=memory, not {loader!r}."
+            )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.device_resident = num_workers, pin_memory, device_resident
         self.val_fraction, self.test_fraction, self.classes, self.seed = val_fraction, test_fraction, classes, seed
@@ -97,8 +121,12 @@ class ClassificationDataModule(L.LightningDataModule):
         return v2.Compose([*self._to_tensor(), v2.Normalize(self.mean, self.std)])
 
     def _to_tensor(self) -> list:
-        return [v2.PILToTensor(), v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size),
-                v2.ToDtype(torch.float32, scale=True)]
+        return [
+            v2.PILToTensor(),
+            v2.Resize(self.image_size, antialias=True),
+            v2.CenterCrop(self.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
 
     # -- class subsets and splits ----------------------------------------------------------------
     @property
@@ -126,18 +154,25 @@ class ClassificationDataModule(L.LightningDataModule):
         else:
             test_idx = torch.nonzero(labels["test"] >= 0).flatten()
         val_fraction = 0.0 if "val" in data else self.val_fraction
-        train_idx, val_idx = stratified_split(pool, val_fraction, self.samples_per_class, self.label_fraction,
-                                              self.seed)
+        train_idx, val_idx = stratified_split(
+            pool, val_fraction, self.samples_per_class, self.label_fraction, self.seed
+        )
         if "val" in data:
             val_idx = torch.nonzero(labels["val"] >= 0).flatten()
         others = {"val": labels[source("val")][val_idx], "test": labels[source("test")][test_idx]}
         check_classes_present(self.key, ids, names, labels["train"][train_idx], others, self.classes is not None)
-        check_not_empty(self.key, {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
-                        self.val_fraction, "val" in data)
+        check_not_empty(
+            self.key,
+            {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+            self.val_fraction,
+            "val" in data,
+        )
         parts = {"train": (train_idx, True), "val": (val_idx, False), "test": (test_idx, False)}
         self.sizes = {split: len(idx) for split, (idx, _) in parts.items()}
-        self.splits = {split: self.input.subset(self, data[source(split)], labels[source(split)], idx, train)
-                       for split, (idx, train) in parts.items()}
+        self.splits = {
+            split: self.input.subset(self, data[source(split)], labels[source(split)], idx, train)
+            for split, (idx, train) in parts.items()
+        }
 
     def split_sizes(self) -> dict[str, int]:
         self.setup()
@@ -152,10 +187,16 @@ class ClassificationDataModule(L.LightningDataModule):
             files = self.data_files()
             files_hash, self._bytes = files_digest(files, self.cache_dir)
             self._files = len(files)
-            settings = {"class_ids": self.class_ids, "val_fraction": self.val_fraction, "seed": self.seed,
-                        "samples_per_class": self.samples_per_class, "label_fraction": self.label_fraction,
-                        "test_fraction": self.test_fraction, "identity": self.identity_params(),
-                        "files": files_hash}
+            settings = {
+                "class_ids": self.class_ids,
+                "val_fraction": self.val_fraction,
+                "seed": self.seed,
+                "samples_per_class": self.samples_per_class,
+                "label_fraction": self.label_fraction,
+                "test_fraction": self.test_fraction,
+                "identity": self.identity_params(),
+                "files": files_hash,
+            }
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
             self._data_hash = digest.hexdigest()[:16]
         return self._data_hash
@@ -163,8 +204,13 @@ class ClassificationDataModule(L.LightningDataModule):
     def fingerprint(self) -> dict:
         """What this data is, for the manifest: dataset, split sizes, number and bytes of files, `hash`."""
         data_hash = self.data_hash()
-        return {"dataset": type(self).__name__, "splits": self.split_sizes(), "files": self._files,
-                "bytes": self._bytes, "hash": data_hash}
+        return {
+            "dataset": type(self).__name__,
+            "splits": self.split_sizes(),
+            "files": self._files,
+            "bytes": self._bytes,
+            "hash": data_hash,
+        }
 
     # -- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self):

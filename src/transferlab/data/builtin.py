@@ -21,9 +21,17 @@ IMAGE_SIZE, TARGET_CLASSES = 32, 10
 class BuiltinDataModule(ClassificationDataModule):
     loaders = ("memory",)
 
-    def __init__(self, task: str = "source", source_classes: int = 40, train_per_class: int = 200,
-                 test_per_class: int = 50, noise: float = 0.5, max_shift: int = 4, world_seed: int = 1234,
-                 **kwargs):
+    def __init__(
+        self,
+        task: str = "source",
+        source_classes: int = 40,
+        train_per_class: int = 200,
+        test_per_class: int = 50,
+        noise: float = 0.5,
+        max_shift: int = 4,
+        world_seed: int = 1234,
+        **kwargs,
+    ):
         if task not in ("source", "target"):
             raise UserError(f"builtin data task={task!r}: use 'source' or 'target'.")
         if source_classes < 5:
@@ -35,10 +43,16 @@ class BuiltinDataModule(ClassificationDataModule):
         self.num_classes_total = len(self.prototypes)
 
     def identity_params(self) -> dict:
-        return {"task": self.task, "source_classes": len(self.prototypes) if self.task == "source" else None,
-                "prototypes_sum": float(self.prototypes.double().sum()), "train_per_class": self.train_per_class,
-                "test_per_class": self.test_per_class, "noise": self.noise, "max_shift": self.max_shift,
-                "world_seed": self.world_seed}
+        return {
+            "task": self.task,
+            "source_classes": len(self.prototypes) if self.task == "source" else None,
+            "prototypes_sum": float(self.prototypes.double().sum()),
+            "train_per_class": self.train_per_class,
+            "test_per_class": self.test_per_class,
+            "noise": self.noise,
+            "max_shift": self.max_shift,
+            "world_seed": self.world_seed,
+        }
 
     def load_split(self, split: str):
         per_class = self.train_per_class if split == "train" else self.test_per_class

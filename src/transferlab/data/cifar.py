@@ -52,14 +52,18 @@ class CIFARDataModule(ClassificationDataModule):
 
     def _root(self) -> Path:
         if self.root is None:
-            raise UserError(f"{self.name} root is not set: pass {self.key}.root=<folder holding {self.layout}>, "
-                            f"or {self.key}.download=true to download it there.")
+            raise UserError(
+                f"{self.name} root is not set: pass {self.key}.root=<folder holding {self.layout}>, "
+                f"or {self.key}.download=true to download it there."
+            )
         root = Path(self.root).expanduser()
         return root.parent if root.name == self.folder else root
 
     def data_files(self) -> list[Path]:
-        return [self._root() / self.folder / f for f in [*self.split_files["train"], *self.split_files["test"],
-                                                          self.meta_file]]
+        return [
+            self._root() / self.folder / f
+            for f in [*self.split_files["train"], *self.split_files["test"], self.meta_file]
+        ]
 
     def _check_layout(self) -> Path:
         root = self._root()
@@ -68,9 +72,11 @@ class CIFARDataModule(ClassificationDataModule):
                 readable_dir(folder, f"{self.name} folder")
         missing = [f.name for f in self.data_files() if not f.is_file()]
         if missing:
-            raise UserError(f"{self.name} not found at {root}: expected {self.layout}; missing {', '.join(missing)}. "
-                            f"Point {self.key}.root at the folder that holds {self.folder}, or set "
-                            f"{self.key}.download=true (needs internet).")
+            raise UserError(
+                f"{self.name} not found at {root}: expected {self.layout}; missing {', '.join(missing)}. "
+                f"Point {self.key}.root at the folder that holds {self.folder}, or set "
+                f"{self.key}.download=true (needs internet)."
+            )
         return root / self.folder
 
     def class_names(self) -> list[str]:
@@ -92,30 +98,41 @@ class CIFARDataModule(ClassificationDataModule):
             with open(path, "rb") as f:
                 return pickle.load(f, encoding="latin1")
         except PermissionError:
-            raise UserError(f"Cannot read {self.name} file {path}: permission denied. Let this user read it "
-                            "(chmod a+r).") from None
+            raise UserError(
+                f"Cannot read {self.name} file {path}: permission denied. Let this user read it (chmod a+r)."
+            ) from None
         except Exception as err:
-            raise UserError(f"{self.name} file {path} is truncated or corrupt ({type(err).__name__}: {err}). "
-                            f"Replace it with a good copy (or re-download with {self.key}.download=true).") from None
+            raise UserError(
+                f"{self.name} file {path} is truncated or corrupt ({type(err).__name__}: {err}). "
+                f"Replace it with a good copy (or re-download with {self.key}.download=true)."
+            ) from None
 
     def _read_batch(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """(data N x 3072 uint8, labels) of one batch file, each checked; a bad file is named."""
         entry = self._read(path)
         if not isinstance(entry, dict) or "data" not in entry or self.label_key not in entry:
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise UserError(f"{self.name} file {path} has no `data` and `{self.label_key}` entries (found {keys}): "
-                            f"it is not a {self.name} batch. Replace it with a good copy.")
+            raise UserError(
+                f"{self.name} file {path} has no `data` and `{self.label_key}` entries (found {keys}): "
+                f"it is not a {self.name} batch. Replace it with a good copy."
+            )
         data, labels = np.asarray(entry["data"]), np.asarray(entry[self.label_key])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise UserError(f"{self.name} file {path} holds data of shape {data.shape}; expected N x 3072 "
-                            f"uint8 (3 x 32 x 32: R, G, B planes), found {data.dtype}. Replace it with a good copy.")
+            raise UserError(
+                f"{self.name} file {path} holds data of shape {data.shape}; expected N x 3072 "
+                f"uint8 (3 x 32 x 32: R, G, B planes), found {data.dtype}. Replace it with a good copy."
+            )
         if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"{self.name} file {path} has {len(data)} images but labels of shape {labels.shape} "
-                            f"({labels.dtype}). Replace it with a good copy.")
+            raise UserError(
+                f"{self.name} file {path} has {len(data)} images but labels of shape {labels.shape} "
+                f"({labels.dtype}). Replace it with a good copy."
+            )
         bad = labels[(labels < 0) | (labels >= self.num_classes_total)]
         if len(bad):
-            raise UserError(f"{self.name} file {path}: labels out of range 0..{self.num_classes_total - 1}: "
-                            f"{np.unique(bad)[:10].tolist()}. Replace it with a good copy.")
+            raise UserError(
+                f"{self.name} file {path}: labels out of range 0..{self.num_classes_total - 1}: "
+                f"{np.unique(bad)[:10].tolist()}. Replace it with a good copy."
+            )
         return data, labels.astype(np.int64)
 
 

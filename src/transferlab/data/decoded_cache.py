@@ -44,6 +44,7 @@ def cached_arrays(cache_dir: str | Path, name: str, key: str, build: Builder) ->
     If the entry is missing, `build()` checks the source and returns `(shape, fill)`; `fill(images)` writes
     the decoded images into the memory-mapped array `images` and yields their labels in chunks, in order.
     """
+
     def write(folder: Path) -> None:
         shape, fill = build()
         images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=shape)

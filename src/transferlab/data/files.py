@@ -24,9 +24,11 @@ def readable_dir(folder: Path, what: str) -> Path:
         with os.scandir(folder):
             pass
     except PermissionError:
-        raise UserError(f"Cannot read {what} {folder}: permission denied (it is not empty, it is unreadable). "
-                        f"Let this user read it (e.g. chmod -R a+rX {folder}) or copy the data somewhere "
-                        "readable.") from None
+        raise UserError(
+            f"Cannot read {what} {folder}: permission denied (it is not empty, it is unreadable). "
+            f"Let this user read it (e.g. chmod -R a+rX {folder}) or copy the data somewhere "
+            "readable."
+        ) from None
     return folder
 
 
@@ -51,13 +53,17 @@ class ImageLoader:
                 return Image.open(f).convert("RGB")
         except Exception as err:
             if not self.skip_corrupt:
-                fix = ("Let this user read it (chmod a+r)" if isinstance(err, PermissionError)
-                       else "Replace or remove the file")
-                raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}). {fix}, or set "
-                                f"{self.key}.skip_corrupt=true to skip unreadable images.") from None
+                fix = (
+                    "Let this user read it (chmod a+r)"
+                    if isinstance(err, PermissionError)
+                    else "Replace or remove the file"
+                )
+                raise UserError(
+                    f"Cannot read image {path} ({type(err).__name__}: {err}). {fix}, or set "
+                    f"{self.key}.skip_corrupt=true to skip unreadable images."
+                ) from None
             self.skipped += 1
-            log.warning("Skipped unreadable image %s (%s); %d skipped so far in this process",
-                        path, err, self.skipped)
+            log.warning("Skipped unreadable image %s (%s); %d skipped so far in this process", path, err, self.skipped)
             return None
 
 
@@ -66,8 +72,12 @@ class FixedClassFolder(ImageFolder):
 
     def __init__(self, root: Path, classes: list[str], allow_empty: bool, loader, extensions=None):
         self._classes = classes
-        super().__init__(str(root), allow_empty=allow_empty, loader=loader,
-                         is_valid_file=None if extensions is None else lambda p: p.lower().endswith(extensions))
+        super().__init__(
+            str(root),
+            allow_empty=allow_empty,
+            loader=loader,
+            is_valid_file=None if extensions is None else lambda p: p.lower().endswith(extensions),
+        )
 
     def find_classes(self, directory):
         return self._classes, {c: i for i, c in enumerate(self._classes)}
@@ -78,5 +88,7 @@ def check_split_classes(train: Path, other: Path, all_classes: bool) -> None:
     (only when every class is used; a `classes` subset leaves the others out on purpose)."""
     extra = sorted(set(class_folders(other, "folder")) - set(class_folders(train, "folder")))
     if extra and all_classes:
-        raise UserError(f"{other} has class folders that {train} lacks: {extra[:10]}. Their images would be tested "
-                        f"but never learnt: add their training images to {train}, or remove the folders.")
+        raise UserError(
+            f"{other} has class folders that {train} lacks: {extra[:10]}. Their images would be tested "
+            f"but never learnt: add their training images to {train}, or remove the folders."
+        )

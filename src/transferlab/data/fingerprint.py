@@ -58,7 +58,7 @@ def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[l
         now_ns, changed, hashes, sizes = time.time_ns(), False, [], []
         for path in files:
             st = os.stat(path)
-            rel = path[len(top) + 1:]
+            rel = path[len(top) + 1 :]
             key, entry = _stat_key(st), entries.get(rel)
             if entry is not None and entry[:4] == key:
                 digest = entry[4]
@@ -89,5 +89,5 @@ def files_digest(files: Sequence[str | Path], index_dir: str | Path | None) -> t
     hashes, sizes = _hashes(files, top, index_dir)
     digest = hashlib.sha256()
     for path, content in zip(files, hashes):
-        digest.update(f"{path[len(top) + 1:].replace(os.sep, '/')}\t{content}\n".encode())
+        digest.update(f"{path[len(top) + 1 :].replace(os.sep, '/')}\t{content}\n".encode())
     return digest.hexdigest(), sum(sizes)

@@ -47,14 +47,21 @@ class ImageFolderDataModule(ClassificationDataModule):
             train = self._split_dir("train")
             if not train.is_dir():
                 found = sorted(p.name for p in self._root().iterdir() if p.is_dir())
-                hint = (f" {self._root()} holds the folders {found[:10]}: if these are the classes, move them into "
-                        f"{train}/." if found else "")
+                hint = (
+                    f" {self._root()} holds the folders {found[:10]}: if these are the classes, move them into "
+                    f"{train}/."
+                    if found
+                    else ""
+                )
                 raise UserError(f"Image folder {self._root()} has no train/ folder: expected {LAYOUT}.{hint}")
             self._classes = class_folders(train, "train folder")
             if not self._classes:
                 loose = [p.name for p in train.iterdir() if p.is_file()][:3]
-                hint = (f" It holds files ({', '.join(loose)}, ...) directly: put each image in the folder of its "
-                        "class." if loose else "")
+                hint = (
+                    f" It holds files ({', '.join(loose)}, ...) directly: put each image in the folder of its class."
+                    if loose
+                    else ""
+                )
                 raise UserError(f"No class folders in {train}: expected {LAYOUT}.{hint}")
         return self._classes
 
@@ -69,17 +76,28 @@ class ImageFolderDataModule(ClassificationDataModule):
                 check_split_classes(self._split_dir("train"), folder, all_classes=True)
             selected = [classes[i] for i in self.class_ids]
             try:  # only the selected classes' folders are read
-                data = FixedClassFolder(folder, selected, split != "train", ImageLoader(self.skip_corrupt, self.key),
-                                        extensions=IMG_EXTENSIONS)
+                data = FixedClassFolder(
+                    folder,
+                    selected,
+                    split != "train",
+                    ImageLoader(self.skip_corrupt, self.key),
+                    extensions=IMG_EXTENSIONS,
+                )
             except FileNotFoundError as err:
-                raise UserError(f"{err} Each class folder under {folder} needs at least one image "
-                                f"({', '.join(IMG_EXTENSIONS)}); remove the empty folder or leave it out with "
-                                f"{self.key}.classes.") from None
+                raise UserError(
+                    f"{err} Each class folder under {folder} needs at least one image "
+                    f"({', '.join(IMG_EXTENSIONS)}); remove the empty folder or leave it out with "
+                    f"{self.key}.classes."
+                ) from None
             ids = {name: self.class_ids[i] for i, name in enumerate(selected)}
             data.targets = [ids[selected[t]] for t in data.targets]  # back to ids among all of train's classes
             self._data[split] = data
         return self._data[split]
 
     def data_files(self) -> list[Path]:
-        return [Path(p) for split in ("train", "val", "test") if self.has_split(split)
-                for p, _ in self.load_split(split).samples]
+        return [
+            Path(p)
+            for split in ("train", "val", "test")
+            if self.has_split(split)
+            for p, _ in self.load_split(split).samples
+        ]

@@ -47,12 +47,21 @@ class ImageNetDataModule(ClassificationDataModule):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self, root: str | None = None, classes: int | list[str] | None = None, layout: str = "auto",
-                 skip_corrupt: bool = False, cache_dir: str = "outputs/cache/data", **kwargs):
+    def __init__(
+        self,
+        root: str | None = None,
+        classes: int | list[str] | None = None,
+        layout: str = "auto",
+        skip_corrupt: bool = False,
+        cache_dir: str = "outputs/cache/data",
+        **kwargs,
+    ):
         super().__init__(loader="workers", cache_dir=cache_dir, **kwargs)
         if layout not in self.layouts:
-            raise UserError(f"ImageNet layout={layout!r}: use one of {' | '.join(self.layouts)} "
-                            "(downsampled Imagenet32/64 files: data/source=imagenet32).")
+            raise UserError(
+                f"ImageNet layout={layout!r}: use one of {' | '.join(self.layouts)} "
+                "(downsampled Imagenet32/64 files: data/source=imagenet32)."
+            )
         self.root, self.wnids_wanted, self.layout = root, classes, layout
         self.skip_corrupt = skip_corrupt
         self._wnids: list[str] | None = None
@@ -83,11 +92,15 @@ class ImageNetDataModule(ClassificationDataModule):
             readable_dir(self._root(), "ImageNet root")
         if not folder.is_dir():
             if find_files(self._root())["train"]:
-                raise UserError(f"{self._root()} holds downsampled ImageNet batch files (train_data_batch_*): use "
-                                "data/source=imagenet32 (or data=imagenet32_cifar10) for them.")
-            raise UserError(f"ImageNet folder {folder} does not exist: expected {LAYOUT}, or the official layout "
-                            f"(flat val/ with {META_FILE} or {DEVKIT}). Point {self.key}.root at the folder that "
-                            "holds train/ and val/.")
+                raise UserError(
+                    f"{self._root()} holds downsampled ImageNet batch files (train_data_batch_*): use "
+                    "data/source=imagenet32 (or data=imagenet32_cifar10) for them."
+                )
+            raise UserError(
+                f"ImageNet folder {folder} does not exist: expected {LAYOUT}, or the official layout "
+                f"(flat val/ with {META_FILE} or {DEVKIT}). Point {self.key}.root at the folder that "
+                "holds train/ and val/."
+            )
         return readable_dir(folder, f"ImageNet {split} folder")
 
     def resolved_layout(self) -> str:
@@ -114,8 +127,10 @@ class ImageNetDataModule(ClassificationDataModule):
                 return FixedClassFolder(self._folder(split), self.wnids, split != "train", loader)
             return _FixedClassImageNet(self._devkit_view(), split, self.wnids, split != "train", loader)
         except FileNotFoundError as err:
-            raise UserError(f"{err} Each class folder under {self._folder(split)} needs at least one image "
-                            "(.jpeg/.jpg/.png); remove the empty folder or use `classes` to leave it out.") from None
+            raise UserError(
+                f"{err} Each class folder under {self._folder(split)} needs at least one image "
+                "(.jpeg/.jpg/.png); remove the empty folder or use `classes` to leave it out."
+            ) from None
 
     # -- the official layout: flat val/ + devkit ground truth ---------------------------------------
     def _devkit_view(self) -> Path:
@@ -123,9 +138,11 @@ class ImageNetDataModule(ClassificationDataModule):
         root, val = self._root(), self._folder("val")
         meta = root / META_FILE if (root / META_FILE).is_file() else root / DEVKIT
         if not meta.is_file():
-            raise UserError(f"{val} holds the validation images unsorted (the official layout); their classes come "
-                            f"from the devkit: put {DEVKIT} (from image-net.org) or torchvision's {META_FILE} in "
-                            f"{root}, or sort val/ into <wnid>/ folders (layout: folder).")
+            raise UserError(
+                f"{val} holds the validation images unsorted (the official layout); their classes come "
+                f"from the devkit: put {DEVKIT} (from image-net.org) or torchvision's {META_FILE} in "
+                f"{root}, or sort val/ into <wnid>/ folders (layout: folder)."
+            )
         images = sorted(p for p in val.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
         name = f"imagenet_devkit_{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
 
@@ -137,13 +154,17 @@ class ImageNetDataModule(ClassificationDataModule):
                 try:
                     parse_devkit_archive(str(folder))  # checks the official md5 sum, writes meta.bin
                 except Exception as err:
-                    raise UserError(f"Could not read the devkit {meta} ({type(err).__name__}: {err}). Replace it with "
-                                    f"the official {DEVKIT}, or put torchvision's {META_FILE} next to it.") from None
+                    raise UserError(
+                        f"Could not read the devkit {meta} ({type(err).__name__}: {err}). Replace it with "
+                        f"the official {DEVKIT}, or put torchvision's {META_FILE} next to it."
+                    ) from None
             (folder / "train").symlink_to(self._folder("train").resolve())
             val_wnids = load_meta_file(str(folder))[1]
             if len(val_wnids) != len(images):
-                raise UserError(f"{val} holds {len(images)} images, but the devkit ground truth ({meta.name}) lists "
-                                f"{len(val_wnids)}: the folder is incomplete, or the ground truth is for another set.")
+                raise UserError(
+                    f"{val} holds {len(images)} images, but the devkit ground truth ({meta.name}) lists "
+                    f"{len(val_wnids)}: the folder is incomplete, or the ground truth is for another set."
+                )
             for wnid in set(val_wnids):
                 (folder / "val" / wnid).mkdir(parents=True)
             for path, wnid in zip(images, val_wnids):  # sorted file names, as torchvision's parse_val_archive

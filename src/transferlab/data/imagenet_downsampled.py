@@ -20,22 +20,27 @@ from transferlab.data.inputs import ArrayData
 from transferlab.errors import UserError
 
 NUM_CLASSES = 1000
-LAYOUT = ("train_data_batch_1..10 and val_data (pickled, or .npz), in root or one folder below it, "
-          "as in the Imagenet32/Imagenet64 release")
+LAYOUT = (
+    "train_data_batch_1..10 and val_data (pickled, or .npz), in root or one folder below it, "
+    "as in the Imagenet32/Imagenet64 release"
+)
 
 
 def find_files(root: Path) -> dict[str, list[Path]]:
     """{"train": [train_data_batch_1, ...] in batch order, "test": [val_data]}: pickles or .npz."""
+
     def batch_number(p: Path) -> int:
         return int(p.name.removesuffix(".npz").rsplit("_", 1)[-1])
 
     found = {}
     for split, pattern in (("train", "train_data_batch_*"), ("test", "val_data*")):
-        files = [p for p in [*root.glob(pattern), *root.glob(f"*/{pattern}")]
-                 if p.is_file() and (p.suffix in ("", ".npz"))]
+        files = [
+            p for p in [*root.glob(pattern), *root.glob(f"*/{pattern}")] if p.is_file() and (p.suffix in ("", ".npz"))
+        ]
         if split == "train":
-            files = sorted((p for p in files if p.name.removesuffix(".npz").rsplit("_", 1)[-1].isdigit()),
-                           key=batch_number)
+            files = sorted(
+                (p for p in files if p.name.removesuffix(".npz").rsplit("_", 1)[-1].isdigit()), key=batch_number
+            )
         found[split] = files
     return found
 
@@ -50,8 +55,10 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             entry = pickle.load(f, encoding="latin1")
         return np.asarray(entry["data"]), np.asarray(entry["labels"])
     except Exception as err:
-        raise UserError(f"Downsampled ImageNet file {path} is truncated or corrupt ({type(err).__name__}: {err}). "
-                        "Replace it with a good copy from the Imagenet32/64 release.") from None
+        raise UserError(
+            f"Downsampled ImageNet file {path} is truncated or corrupt ({type(err).__name__}: {err}). "
+            "Replace it with a good copy from the Imagenet32/64 release."
+        ) from None
 
 
 def check_batch(path: Path, data: np.ndarray, labels: np.ndarray, size: int) -> None:
@@ -64,14 +71,18 @@ def check_batch(path: Path, data: np.ndarray, labels: np.ndarray, size: int) -> 
                     hint = f" These are {s}x{s} images: set image_size={s}."
                 elif data.shape[1] == s * s:
                     hint = f" These look like one-channel {s}x{s} images; the release has 3 channels."
-        raise UserError(f"Downsampled ImageNet file {path} holds data of shape {data.shape} ({data.dtype}); expected "
-                        f"N x {expected} uint8 (3 x {size} x {size}: R, G, B planes).{hint}")
+        raise UserError(
+            f"Downsampled ImageNet file {path} holds data of shape {data.shape} ({data.dtype}); expected "
+            f"N x {expected} uint8 (3 x {size} x {size}: R, G, B planes).{hint}"
+        )
     if len(labels) != len(data):
         raise UserError(f"Downsampled ImageNet file {path} has {len(data)} images but {len(labels)} labels.")
     bad = labels[(labels < 1) | (labels > NUM_CLASSES)]
     if len(bad):
-        raise UserError(f"Downsampled ImageNet file {path} has labels out of range 1..{NUM_CLASSES}: "
-                        f"{np.unique(bad)[:10].tolist()}.")
+        raise UserError(
+            f"Downsampled ImageNet file {path} has labels out of range 1..{NUM_CLASSES}: "
+            f"{np.unique(bad)[:10].tolist()}."
+        )
 
 
 class DownsampledImageNetDataModule(ClassificationDataModule):
@@ -83,8 +94,14 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
     std = (0.229, 0.224, 0.225)
     copy_subsets = False  # index into the shared memory map instead of copying each split
 
-    def __init__(self, root: str | None = None, classes=None, cache_dir: str = "outputs/cache/data",
-                 image_size: int = 32, **kwargs):
+    def __init__(
+        self,
+        root: str | None = None,
+        classes=None,
+        cache_dir: str = "outputs/cache/data",
+        image_size: int = 32,
+        **kwargs,
+    ):
         super().__init__(image_size=image_size, cache_dir=cache_dir, **kwargs)
         self.root, self.classes = root, classes
         if classes is not None and not isinstance(classes, int) and any(isinstance(c, str) for c in classes):
@@ -99,10 +116,15 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
         """wnids by class id, from the release's `map_clsloc.txt` (`<wnid> <label 1..1000> <name>`) where present."""
         mapping = self._root() / "map_clsloc.txt"
         if not mapping.is_file():
-            if self.classes is not None and not isinstance(self.classes, int) and any(
-                    isinstance(c, str) for c in self.classes):
-                raise UserError(f"classes given as wnids need {mapping} (`<wnid> <label 1..1000> <name>` per line, "
-                                "from the Imagenet32/64 release); or give class ids 0..999 or a count instead.")
+            if (
+                self.classes is not None
+                and not isinstance(self.classes, int)
+                and any(isinstance(c, str) for c in self.classes)
+            ):
+                raise UserError(
+                    f"classes given as wnids need {mapping} (`<wnid> <label 1..1000> <name>` per line, "
+                    "from the Imagenet32/64 release); or give class ids 0..999 or a count instead."
+                )
             return None
         names = [""] * NUM_CLASSES
         for line in mapping.read_text().splitlines():
@@ -114,8 +136,10 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
         root = self._root()
         files = find_files(root)[split]
         if not files:
-            raise UserError(f"No {'train_data_batch_*' if split == 'train' else 'val_data'} files under {root}: "
-                            f"expected {LAYOUT}. Point {self.key}.root at that folder.")
+            raise UserError(
+                f"No {'train_data_batch_*' if split == 'train' else 'val_data'} files under {root}: "
+                f"expected {LAYOUT}. Point {self.key}.root at that folder."
+            )
         size = self.image_size
         name = f"imagenet{size}_{split}_{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
 
@@ -130,9 +154,10 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
                 start = 0
                 for path, n in zip(files, counts):
                     data, labels = read_batch(path)
-                    images[start:start + n] = data.reshape(n, 3, size, size)
+                    images[start : start + n] = data.reshape(n, 3, size, size)
                     start += n
                     yield labels.astype(np.int64) - 1
+
             return (sum(counts), 3, size, size), fill
 
         images, labels = cached_arrays(self.cache_dir, name, source_key(files, self.cache_dir, image_size=size), build)
@@ -140,4 +165,3 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
 
     def data_files(self) -> list[Path]:
         return [p for split in ("train", "test") for p in find_files(self._root())[split]]
-

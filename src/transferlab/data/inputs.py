@@ -50,8 +50,11 @@ class MemoryInput:
         if dm.device_resident:
             images, labels = dm.resident(split, device)
         pin = dm.pin(device) and images.device.type == "cpu"
-        return DataLoader(InMemoryBatches(images, labels, batch_size, shuffle, dm.seed, dm.epoch, rank, world),
-                          batch_size=None, pin_memory=pin)
+        return DataLoader(
+            InMemoryBatches(images, labels, batch_size, shuffle, dm.seed, dm.epoch, rank, world),
+            batch_size=None,
+            pin_memory=pin,
+        )
 
     def on_device(self, dm, batch):
         """uint8 batch on the device -> augmented (training only), normalised float batch."""
@@ -71,9 +74,16 @@ class WorkersInput:
         return RelabelledSubset(data, idx.tolist(), labels, dm.train_transform() if train else dm.eval_transform())
 
     def loader(self, dm, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dm.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=dm.num_workers,
-                          pin_memory=dm.pin(dm.device()), persistent_workers=dm.num_workers > 0, drop_last=False,
-                          collate_fn=collate_readable)
+        return DataLoader(
+            dm.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=dm.num_workers,
+            pin_memory=dm.pin(dm.device()),
+            persistent_workers=dm.num_workers > 0,
+            drop_last=False,
+            collate_fn=collate_readable,
+        )
 
     def on_device(self, dm, batch):
         return batch
@@ -94,8 +104,11 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     cols = torch.arange(w, device=x.device)
     cols = torch.where(flip, cols.flip(0), cols) + dx  # B x W
     rows = torch.arange(h, device=x.device) + dy  # B x H
-    index = (torch.arange(c, device=x.device).view(1, c, 1, 1) * (hp * wp)
-             + rows[:, None, :, None] * wp + cols[:, None, None, :])
+    index = (
+        torch.arange(c, device=x.device).view(1, c, 1, 1) * (hp * wp)
+        + rows[:, None, :, None] * wp
+        + cols[:, None, None, :]
+    )
     return padded.gather(1, index.reshape(b, -1)).view(b, c, h, w)
 
 
@@ -106,8 +119,17 @@ class InMemoryBatches(IterableDataset):
     takes a disjoint, equally long shard of it (padded by wrapping around, as DistributedSampler does).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-                 epoch: Callable[[], int], rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
@@ -119,8 +141,8 @@ class InMemoryBatches(IterableDataset):
             order = torch.arange(n)
         if self.world_size > 1:
             per_rank = -(-n // self.world_size)
-            order = order.repeat(-(-per_rank * self.world_size // max(n, 1)))[:per_rank * self.world_size]
-            order = order[self.rank::self.world_size]
+            order = order.repeat(-(-per_rank * self.world_size // max(n, 1)))[: per_rank * self.world_size]
+            order = order[self.rank :: self.world_size]
         return order
 
     def __len__(self) -> int:
@@ -130,7 +152,7 @@ class InMemoryBatches(IterableDataset):
     def __iter__(self):
         order = self._shard().to(self.labels.device)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             yield self.images[idx], self.labels[idx]
 
 
@@ -151,7 +173,7 @@ class Rows:
         """The rows as one tensor on `device`, copied a chunk at a time (no full host copy first)."""
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
         for start in range(0, len(self.idx), chunk):
-            out[start:start + chunk] = self.base[self.idx[start:start + chunk]].to(device, non_blocking=True)
+            out[start : start + chunk] = self.base[self.idx[start : start + chunk]].to(device, non_blocking=True)
         return out
 
 

@@ -10,25 +10,32 @@ import torch
 from transferlab.errors import UserError
 
 
-def check_settings(key: str, batch_size, eval_batch_size, num_workers, val_fraction, samples_per_class,
-                   label_fraction, test_fraction) -> None:
+def check_settings(
+    key: str, batch_size, eval_batch_size, num_workers, val_fraction, samples_per_class, label_fraction, test_fraction
+) -> None:
     """Types and ranges of a data module's split and loader settings (`key`: e.g. data.target, for messages)."""
+
     def integer(name, value, low, allow_none=False):
         if value is None and allow_none:
             return
         if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-            raise UserError(f"{key}.{name} must be a whole number >= {low}{' or null' if allow_none else ''}, "
-                            f"got {value!r}.")
+            raise UserError(
+                f"{key}.{name} must be a whole number >= {low}{' or null' if allow_none else ''}, got {value!r}."
+            )
 
     def fraction(name, value, low_open, allow_none=False, hint=""):
         if value is None and allow_none:
             return
-        ok = not isinstance(value, bool) and isinstance(value, Real) and (
-            (0 < value <= 1) if low_open else (0 <= value < 1))
+        ok = (
+            not isinstance(value, bool)
+            and isinstance(value, Real)
+            and ((0 < value <= 1) if low_open else (0 <= value < 1))
+        )
         if not ok:
             span = "(0, 1]" if low_open else "[0, 1)"
-            raise UserError(f"{key}.{name} must be a number in {span}{' or null' if allow_none else ''}, got "
-                            f"{value!r}.{hint}")
+            raise UserError(
+                f"{key}.{name} must be a number in {span}{' or null' if allow_none else ''}, got {value!r}.{hint}"
+            )
 
     integer("batch_size", batch_size, 1)
     integer("eval_batch_size", eval_batch_size, 1, allow_none=True)
@@ -64,19 +71,27 @@ def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) 
         else:
             unknown.append(c)
     if unknown:
-        known = (f"class names: {', '.join(list(lookup)[:12])}{', ...' if len(lookup) > 12 else ''}"
-                 if lookup else "this dataset's classes have no names")
-        raise UserError(f"{where}: {unknown[:10]} {'is' if len(unknown) == 1 else 'are'} not a class of this dataset "
-                        f"(class ids 0..{total - 1}; {known}).")
+        known = (
+            f"class names: {', '.join(list(lookup)[:12])}{', ...' if len(lookup) > 12 else ''}"
+            if lookup
+            else "this dataset's classes have no names"
+        )
+        raise UserError(
+            f"{where}: {unknown[:10]} {'is' if len(unknown) == 1 else 'are'} not a class of this dataset "
+            f"(class ids 0..{total - 1}; {known})."
+        )
     duplicates = sorted({c for c in classes if classes.count(c) > 1}, key=str)
     if duplicates or len(set(ids)) != len(ids):
-        raise UserError(f"{where} lists {duplicates or 'a class'} more than once (by id or name): give each class "
-                        "once; the labels are numbered in the order given.")
+        raise UserError(
+            f"{where} lists {duplicates or 'a class'} more than once (by id or name): give each class "
+            "once; the labels are numbered in the order given."
+        )
     return ids
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float, samples_per_class: int | None,
-                     label_fraction: float | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(
+    labels: torch.Tensor, val_fraction: float, samples_per_class: int | None, label_fraction: float | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class: shuffle (by seed), hold out `val_fraction` for validation, then keep
     `samples_per_class` or `label_fraction` of the rest for training (the low-data regime).
     Samples whose label is -1 (classes not selected) are dropped."""
@@ -92,15 +107,21 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, samples_per_clas
         if samples_per_class is not None:
             rest = rest[:samples_per_class]
         if label_fraction is not None:
-            rest = rest[:max(1, int(round(label_fraction * len(rest))))]
+            rest = rest[: max(1, int(round(label_fraction * len(rest))))]
         val.append(idx[:n_val])
         train.append(rest)
     cat = lambda parts: torch.sort(torch.cat(parts)).values if parts else torch.empty(0, dtype=torch.long)
     return cat(train), cat(val)
 
 
-def check_classes_present(key: str, class_ids: list[int], names: Sequence[str] | None, train: torch.Tensor,
-                          others: dict[str, torch.Tensor], selected: bool) -> None:
+def check_classes_present(
+    key: str,
+    class_ids: list[int],
+    names: Sequence[str] | None,
+    train: torch.Tensor,
+    others: dict[str, torch.Tensor],
+    selected: bool,
+) -> None:
     """Every class has training images: a class with val/test images but none to train on would be tested but
     never learnt. A class with no image at all is an error only when `classes` selected it (all of a dataset's
     label ids need not occur). `train`, `others`: renumbered labels, -1 for classes not selected."""
@@ -109,21 +130,30 @@ def check_classes_present(key: str, class_ids: list[int], names: Sequence[str] |
     missing = [i for i in range(len(class_ids)) if counts[i] == 0 and (selected or elsewhere[i] > 0)]
     if not missing:
         return
-    label = lambda i: (f"{class_ids[i]} ({names[class_ids[i]]})" if names else str(class_ids[i]))
+    label = lambda i: f"{class_ids[i]} ({names[class_ids[i]]})" if names else str(class_ids[i])
     seen = {split: int(sum((labels == i).sum() for i in missing)) for split, labels in others.items()}
     where = ", ".join(f"{n} {split} images" for split, n in seen.items() if n) or "no images at all"
-    raise UserError(f"{key}: classes {[label(i) for i in missing][:10]} have no training images ({where}): a class "
-                    f"missing from train cannot be learnt. Leave them out with {key}.classes, add their training "
-                    f"images, or hold out less ({key}.val_fraction, {key}.test_fraction).")
+    raise UserError(
+        f"{key}: classes {[label(i) for i in missing][:10]} have no training images ({where}): a class "
+        f"missing from train cannot be learnt. Leave them out with {key}.classes, add their training "
+        f"images, or hold out less ({key}.val_fraction, {key}.test_fraction)."
+    )
 
 
 def check_not_empty(key: str, sizes: dict[str, int], val_fraction: float, val_given: bool) -> None:
     """An empty split after subsetting is an error that names the split and the setting to change."""
-    hints = {"train": f"check {key}.classes, {key}.samples_per_class and {key}.label_fraction",
-             "val": (f"{key}.val_fraction={val_fraction} holds out no image of any class; raise it (the best "
-                     "checkpoint is chosen on the validation split)") if not val_given else "add images to val/",
-             "test": f"check {key}.classes (and {key}.test_fraction where the test split is taken from train)"}
+    hints = {
+        "train": f"check {key}.classes, {key}.samples_per_class and {key}.label_fraction",
+        "val": (
+            f"{key}.val_fraction={val_fraction} holds out no image of any class; raise it (the best "
+            "checkpoint is chosen on the validation split)"
+        )
+        if not val_given
+        else "add images to val/",
+        "test": f"check {key}.classes (and {key}.test_fraction where the test split is taken from train)",
+    }
     for split, n in sizes.items():
         if n == 0 and (split != "val" or val_given or val_fraction > 0):
-            raise UserError(f"{key}: the {split} split is empty after taking the classes and samples asked for: "
-                            f"{hints[split]}.")
+            raise UserError(
+                f"{key}: the {split} split is empty after taking the classes and samples asked for: {hints[split]}."
+            )

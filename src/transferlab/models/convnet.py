@@ -13,8 +13,13 @@ class ConvNetBackbone(nn.Sequential):
         if image_size != self.input_size:
             raise ValueError(f"The ConvNet takes 32x32 images (fc 64*8*8); got image_size={image_size}.")
         super().__init__(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 8 * 8, 128), nn.ReLU(),
+            nn.Linear(64 * 8 * 8, 128),
+            nn.ReLU(),
         )

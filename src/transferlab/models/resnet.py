@@ -24,13 +24,17 @@ def resnet_backbone(arch: str, small_input: bool = False, weights: str | None = 
 
 def _load_torchvision_weights(net: nn.Module, path: Path, arch: str) -> None:
     if not path.is_file():
-        raise UserError(f"model.weights={path} does not exist: give the path of a torchvision {arch} state-dict "
-                        f"file (e.g. {arch}-<hash>.pth from torchvision's model zoo), or weights=null.")
+        raise UserError(
+            f"model.weights={path} does not exist: give the path of a torchvision {arch} state-dict "
+            f"file (e.g. {arch}-<hash>.pth from torchvision's model zoo), or weights=null."
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches: another architecture's file
         raise UserError(f"{path} does not fit torchvision {arch}: {err}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{path} is not a torchvision {arch} state dict: missing keys {result.missing_keys[:5]}, "
-                        f"unexpected keys {result.unexpected_keys[:5]}.")
+        raise UserError(
+            f"{path} is not a torchvision {arch} state dict: missing keys {result.missing_keys[:5]}, "
+            f"unexpected keys {result.unexpected_keys[:5]}."
+        )
