@@ -21,7 +21,7 @@ CONVNET = {"name": "convnet"}
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("+stages.pretrain.train=head", "stages.pretrain.train was renamed: use stages.pretrain.trainable"),
+        ("stages.pretrain.train=head", "stages.pretrain.train was renamed stages.pretrain.trainable"),
         ("stages.pretrain.trainable=[layer4,head]", r"names no block of convnet \(layer4\).*conv1, conv2, fc, head"),
         ("stages.finetune.layer_decay=1.5", r"layer_decay=1.5: must be a number in \(0, 1\]"),
         ("stages.finetune.scheduler.warmup_epochs=2", "leaves no epoch after the warm-up"),

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import CONF_DIR, methods
-from transferlab.data.splits import check_settings
+from transferlab.data.splits import check_class_list, check_settings
 from transferlab.errors import UserError
 from transferlab.models import BACKBONES, INPUT_SIZES
 from transferlab.optim import OPTIMIZERS
@@ -232,8 +232,8 @@ def check_data(data: DictConfig, tasks) -> None:
 
 
 def check_data_module(at: str, node: DictConfig) -> None:
-    """The split and loader settings, by the data layer's own check (one definition); the classes are resolved
-    (names, repeats, range) by the data module, which knows its classes, when `pipeline` builds it."""
+    """The split and loader settings and the form of `classes`, by the data layer's own checks (one definition);
+    which class ids or names exist is checked by the data module, which knows them, when `pipeline` builds it."""
     check_settings(
         at,
         node.get("batch_size", 1),
@@ -245,6 +245,8 @@ def check_data_module(at: str, node: DictConfig) -> None:
         node.get("test_fraction", 0.2),
     )
     whole_number(f"{at}.image_size", node.get("image_size", 32))
+    classes = node.get("classes")
+    check_class_list(at, OmegaConf.to_container(classes) if OmegaConf.is_config(classes) else classes)
 
 
 def _show(value) -> str:

@@ -185,7 +185,12 @@ class ClassificationDataModule(L.LightningDataModule):
         parameters for generated data, with the class and split settings. Computed once per data module."""
         if self._data_hash is None:
             files = self.data_files()
-            files_hash, self._bytes = files_digest(files, self.cache_dir)
+            try:
+                files_hash, self._bytes = files_digest(files, self.cache_dir)
+            except OSError as err:  # a missing or unreadable file: the dataset's own message names it and the fix
+                self.load_split("train")
+                self.load_split("test")
+                raise UserError(f"{self.key}: cannot read {err.filename} ({err.strerror}).") from None
             self._files = len(files)
             settings = {
                 "class_ids": self.class_ids,

@@ -46,21 +46,41 @@ def check_settings(
     fraction("label_fraction", label_fraction, low_open=True, allow_none=True)
 
 
-def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) -> list[int]:
-    """The original class ids that `classes` selects, in order: null (all), N (the first N), or a list of ids or
-    names (`names`: the dataset's class names, where it has them)."""
+def check_class_list(key: str, classes) -> None:
+    """The form of a `classes` setting, checked before any data is read: null, a count of at least 1, or a
+    non-empty list without repeats (which ids or names exist is for `resolve_classes`, once the data is known)."""
     where = f"{key}.classes"
     if classes is None:
-        return list(range(total))
+        return
     if isinstance(classes, bool) or isinstance(classes, (str, Real)) and not isinstance(classes, Integral):
         raise UserError(f"{where}={classes!r}: give null (all classes), a count, or a list of class ids or names.")
     if isinstance(classes, Integral):
-        if not 0 < classes <= total:
-            raise UserError(f"{where}={classes}: the dataset has {total} classes; give a count from 1 to {total}.")
-        return list(range(classes))
+        if classes < 1:
+            raise UserError(f"{where}={classes}: give a count of at least 1, null (all classes), or a list.")
+        return
     classes = list(classes)
     if not classes:
         raise UserError(f"{where}=[] selects no class: give null (all classes), a count, or a non-empty list.")
+    duplicates = sorted({c for c in classes if classes.count(c) > 1}, key=str)
+    if duplicates:
+        raise UserError(
+            f"{where} lists {duplicates} more than once (by id or name): give each class "
+            "once; the labels are numbered in the order given."
+        )
+
+
+def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) -> list[int]:
+    """The original class ids that `classes` selects, in order: null (all), N (the first N), or a list of ids or
+    names (`names`: the dataset's class names, where it has them)."""
+    check_class_list(key, classes)
+    where = f"{key}.classes"
+    if classes is None:
+        return list(range(total))
+    if isinstance(classes, Integral):
+        if classes > total:
+            raise UserError(f"{where}={classes}: the dataset has {total} classes; give a count from 1 to {total}.")
+        return list(range(classes))
+    classes = list(classes)
     lookup = {name: i for i, name in enumerate(names or [])}
     ids, unknown = [], []
     for c in classes:
@@ -80,10 +100,9 @@ def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) 
             f"{where}: {unknown[:10]} {'is' if len(unknown) == 1 else 'are'} not a class of this dataset "
             f"(class ids 0..{total - 1}; {known})."
         )
-    duplicates = sorted({c for c in classes if classes.count(c) > 1}, key=str)
-    if duplicates or len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids):  # the same class by id and by name
         raise UserError(
-            f"{where} lists {duplicates or 'a class'} more than once (by id or name): give each class "
+            f"{where} lists a class more than once (by id or name): give each class "
             "once; the labels are numbered in the order given."
         )
     return ids
