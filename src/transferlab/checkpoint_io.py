@@ -1,4 +1,5 @@
-"""Checkpoint files that are whole or absent: written to `<name>.tmp` in the same folder, then renamed.
+"""Checkpoint files that are whole or absent: written to a temporary file in the same folder, then renamed
+(`fileio.atomic_write`), and verified before any use (`verify_checkpoint`).
 
 Lightning 2.6's `_atomic_save` writes through an fsspec transaction whose temporary file lives in the
 system temp folder; `shutil.move` to the output folder is a rename only when both are on the same file
@@ -8,7 +9,6 @@ the final `os.replace` a rename on every local file system.
 
 import errno
 import io
-import os
 import pickle
 import zipfile
 import zlib
@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transferlab.errors import UserError
+from transferlab.fileio import atomic_write, write_synced
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -28,12 +29,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            self._write(buffer.getbuffer(), tmp)
-            os.replace(tmp, path)
+            atomic_write(path, buffer.getbuffer(), write=self._write)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             if err.errno in DISK_FULL:
                 raise UserError(
                     f"No space left to write checkpoint {path} ({err.strerror}): free space in "
@@ -47,12 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         only, also where TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would make torch.load's default run code."""
         return super().load_checkpoint(path, *args[:1], **{**kwargs, "weights_only": True})
 
-    @staticmethod
-    def _write(data, path: Path) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    _write = staticmethod(write_synced)  # writes the temporary file; the fault-injection tests replace it
 
 
 def check_resumable(path: Path) -> None:

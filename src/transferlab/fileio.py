@@ -25,19 +25,24 @@ __all__ = [
 ]
 
 
-def atomic_write(path: str | Path, data: bytes | str | memoryview) -> None:
-    """Write `data` to `path` whole or not at all: a kill mid-write leaves the old file (or none)."""
+def atomic_write(path: str | Path, data: bytes | str | memoryview, write=None) -> None:
+    """Write `data` to `path` whole or not at all: a kill mid-write leaves the old file (or none) and at most a
+    `.<name>.<pid>.tmp` beside it. `write(data, tmp)` writes the temporary file (default: write and fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        (write or write_synced)(data.encode() if isinstance(data, str) else data, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_synced(data, path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str | Path, data) -> None:

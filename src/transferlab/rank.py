@@ -7,7 +7,6 @@ With `results=...` (fine-tuned accuracies of the same candidates), each score's 
 against them say how well it predicts.
 """
 
-import csv
 import hashlib
 import io
 import json
@@ -21,14 +20,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import provenance, report
+from transferlab import provenance
 from transferlab.cli import CONF_DIR, _report_user_errors
 from transferlab.errors import UserError
 from transferlab.factories import build
-from transferlab.fileio import atomic_write, read_json, write_json_atomic
+from transferlab.fileio import atomic_write, read_json
 from transferlab.module import ClassifierModule
+from transferlab.rank_results import correlations, file_digest, plain, read_results, write_tables
 from transferlab.transfer import load_checkpoint
-from transferlab.transferability import SCORES, all_scores, kendall_tau_b, pearson_r
+from transferlab.transferability import SCORES, all_scores
 
 log = logging.getLogger(__name__)
 FEATURES_VERSION = 1  # bump when what a cached .npz holds changes
@@ -102,7 +102,7 @@ def rank(cfg: DictConfig) -> dict:
 
 def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
     """`candidates` as a list (names derived) or a {name: path} mapping; run folders -> their stage's checkpoint."""
-    given = _plain(cfg.candidates)
+    given = plain(cfg.candidates)
     pairs = list(given.items()) if isinstance(given, dict) else [(None, str(g)) for g in given]
     if not pairs:
         raise UserError(
@@ -129,13 +129,6 @@ def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
     return out
 
 
-def _plain(node):
-    """A config value as plain Python: a list or dict stays one, a single value becomes a one-item list."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return [] if node is None else [node]
-
-
 def checkpoint_of(path: Path, stage: str) -> Path:
     """A .ckpt file as is; a run folder -> its manifest's `stage` best checkpoint (or <stage>/checkpoints/best.ckpt)."""
     if path.is_file():
@@ -157,11 +150,6 @@ def _short_name(path: Path, stage: str) -> str:
     if len(parts) >= 4 and parts[-2] == "checkpoints":  # <run>/<stage>/checkpoints/<file>
         return parts[-4] if parts[-3] == stage and path.name == "best.ckpt" else f"{parts[-4]}/{parts[-3]}/{path.stem}"
     return path.stem
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_candidate(c: Candidate) -> ClassifierModule:
@@ -234,120 +222,6 @@ def forward(module: ClassifierModule, datamodule, cfg: DictConfig, name: str):
         logits.append(module.head(h).float().cpu())
         labels.append(y.cpu())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy(), torch.cat(labels).numpy()
-
-
-def read_results(cfg: DictConfig, candidates: list[Candidate]) -> dict[str, list[float]]:
-    """Fine-tuned accuracies per candidate name, from a CSV/JSON file or run/sweep folders (see conf/rank.yaml)."""
-    given = _plain(cfg.results)
-    sources = [Path(str(p)).expanduser() for p in (given if isinstance(given, list) else [given])]
-    missing = [str(p) for p in sources if not p.exists()]
-    if missing:
-        raise UserError(
-            f"results: {', '.join(missing)} does not exist. Give a .csv (candidate,accuracy), a .json "
-            "{candidate: accuracy}, or the run/sweep folders that fine-tuned from the candidates."
-        )
-    by_key = {k: c.name for c in candidates for k in (c.name, c.given, str(c.path))}
-    found: dict[str, list[float]] = {}
-    unknown = []
-    for source in sources:
-        if source.is_dir():
-            pairs = _results_from_runs(cfg, source, {c.digest: c.name for c in candidates if c.path})
-        elif source.suffix == ".csv":
-            with open(source, newline="") as f:
-                pairs = [(r["candidate"], float(r["accuracy"])) for r in csv.DictReader(f)]
-        elif source.suffix == ".json":
-            pairs = [
-                (k, float(a))
-                for k, v in json.loads(source.read_text()).items()
-                for a in (v if isinstance(v, list) else [v])
-            ]
-        else:
-            raise UserError(
-                f"results={source}: give a .csv (candidate,accuracy), a .json {{candidate: accuracy}}, "
-                "or run/sweep folders."
-            )
-        for key, acc in pairs:
-            if key in by_key:
-                found.setdefault(by_key[key], []).append(acc)
-            else:
-                unknown.append(key)
-    if unknown:
-        log.warning("results for candidates not being ranked, ignored: %s", ", ".join(sorted(set(unknown))))
-    if not found:
-        raise UserError(
-            f"results={given}: none of it matches a candidate ({', '.join(c.name for c in candidates)}). "
-            "Name the candidates as in the table, or give the runs that fine-tuned from them."
-        )
-    return found
-
-
-def _results_from_runs(cfg: DictConfig, folder: Path, by_digest: dict[str, str]) -> list[tuple[str, float]]:
-    """Runs (folder itself, or its job folders) whose `results_stage` checkpoint has a candidate's content."""
-    pairs = []
-    for manifest_path in sorted({*folder.glob("manifest.json"), *folder.glob("*/manifest.json")}):
-        manifest = read_json(manifest_path)
-        entry = manifest.get("stages", {}).get(cfg.results_stage, {})
-        metric = report.summarise(manifest.get("stages", {}))["metrics"].get(cfg.results_metric)
-        ckpt = manifest_path.parent / entry["best_ckpt"] if entry.get("best_ckpt") else None
-        if metric is None or ckpt is None or not ckpt.is_file():
-            continue
-        name = by_digest.get(file_digest(ckpt))
-        if name is not None:
-            pairs.append((name, float(metric)))
-    return pairs
-
-
-def correlations(rows: list[dict]) -> dict:
-    scored = [r for r in rows if r["finetuned_acc"] is not None]
-    acc = [r["finetuned_acc"] for r in scored]
-    return {
-        s: {
-            "kendall_tau": kendall_tau_b([r[s] for r in scored], acc),
-            "pearson_r": pearson_r([r[s] for r in scored], acc),
-            "n": len(scored),
-        }
-        for s in SCORES
-    }
-
-
-COLUMNS = [
-    "rank",
-    "candidate",
-    *SCORES,
-    "finetuned_acc",
-    "finetuned_n",
-    "feature_dim",
-    "source_classes",
-    "forward_s",
-    "scores_s",
-    "checkpoint",
-]
-
-
-def write_tables(run_dir: Path, out: dict) -> None:
-    rows = [{"rank": i + 1, **r} for i, r in enumerate(out["candidates"])]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(run_dir / "ranking.csv", buffer.getvalue())
-    write_json_atomic(run_dir / "ranking.json", out)
-    fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    shown = COLUMNS[:6] + (["finetuned_acc", "finetuned_n"] if out["correlations"] else [])
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in shown) + " |" for r in rows]
-    if out["correlations"]:
-        lines += ["", "| score | Kendall tau-b | Pearson r | n |", "|---|---|---|---|"]
-        lines += [
-            f"| {s} | {fmt(v['kendall_tau'])} | {fmt(v['pearson_r'])} | {v['n']} |"
-            for s, v in out["correlations"].items()
-        ]
-    text = (
-        f"Ranking for the {out['task']} task ({out['samples']} training images, data {out['data']['hash']}), "
-        f"by {out['sort_by']}:\n\n" + "\n".join(lines) + "\n"
-    )
-    atomic_write(run_dir / "ranking.md", f"# Source ranking ({run_dir})\n\n{text}")
-    print(f"\n{text}\nWritten: {run_dir}/ranking.md, ranking.csv, ranking.json")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="rank")
