@@ -109,7 +109,8 @@ def test_second_run_into_a_folder_in_use_is_refused_and_a_killed_holder_does_not
         assert f"{run_dir} is in use by another transferlab run (host {socket.gethostname()}, PID {holder.pid}," in line
         assert "wait for it to end (or stop it), or run into another folder (hydra.run.dir=...)" in line
         assert time.time() - started < 60 and "Stage source" not in second.stdout + second.stderr  # trained nothing
-        assert holder.poll() is None and not (run_dir / "manifest.json").exists()
+        assert holder.poll() is None and stages(run_dir)["source"]["status"] == "running"  # the holder's record
+        assert stages(run_dir)["source"]["attempts"] == [1]  # the refused run began no attempt
         assert (run_dir / ".hydra" / "config.yaml").read_text() == config  # the folder shows the holder's config
     finally:
         holder.kill()  # SIGKILL: the lock it held, and its owner file, stay behind
@@ -208,7 +209,9 @@ def test_given_and_init_checkpoints_that_are_not_checkpoints(tmp_path):
     metrics.write_text(json.dumps({"acc": 0.5}))
 
     run_dir = tmp_path / "given"
-    line = error_line(cli("transferlab", *SOURCE_ONLY, f"stages.source.ckpt={config}", f"hydra.run.dir={run_dir}"), 2)
+    line = error_line(
+        cli("transferlab", *SCRATCH_ONLY, f"stages.source.result_ckpt={config}", f"hydra.run.dir={run_dir}"), 2
+    )
     assert f"{config} is not a PyTorch checkpoint (it starts with b'mode'" in line and "would run code" not in line
     assert stages(run_dir)["source"]["status"] == "failed"  # not `done`: fixing the file lets the re-run go on
 

@@ -59,7 +59,12 @@ class _Plain(logging.Formatter):
 
 
 def configure(verbose: bool = False) -> None:
-    """Set up the console handlers (Hydra's, on the root logger) for one run or sweep job."""
+    """Set up the console handlers (Hydra's, on the root logger) for one run or sweep job. Lightning gives its
+    loggers a stderr handler of their own (and stops them propagating) when it is imported before Hydra sets up
+    logging, e.g. by the checks that run before Hydra composes: route them back to the root logger."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     for handler in logging.getLogger().handlers:
         if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
             continue
