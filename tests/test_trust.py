@@ -33,10 +33,12 @@ def cache_entries(tmp_path: Path, stage: str = "source") -> list[Path]:
 
 
 def snapshot(root: Path, leave_out: str = "attempts") -> dict:
-    """Every file under `root` and its bytes, but logs and `leave_out` (the record of attempts grows by design;
-    a first attempt's `.hydra/` is new)."""
+    """Every file under `root` and its bytes, but logs, the run lock's files (`.transferlab.*`: who holds the
+    folder now) and `leave_out` (the record of attempts grows by design; a first attempt's `.hydra/` is new)."""
     return {
-        p: p.read_bytes() for p in root.rglob("*") if p.is_file() and leave_out not in p.parts and p.suffix != ".log"
+        p: p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and leave_out not in p.parts and p.suffix != ".log" and not p.name.startswith(".transferlab.")
     }
 
 
@@ -184,7 +186,7 @@ def test_a_given_checkpoint_is_checked_before_its_stage_is_done(tmp_path):
         f"stages.source.result_ckpt={given}",
         "trainer.max_epochs_per_stage=1",
     ]
-    assert_user_error(transferlab(run_dir, *args), f"stages.source.result_ckpt: Checkpoint {given}")
+    assert_user_error(transferlab(run_dir, *args), f"stages.source.result_ckpt: {given} is truncated or corrupt")
     assert manifest(run_dir)["stages"]["source"]["status"] == "failed" and not (run_dir / "pretrain").exists()
     shutil.copyfile(whole, given)
     transferlab(run_dir, *args, check=True)
