@@ -15,7 +15,7 @@ cosine per epoch). --quick: one seed, one epoch (the per-epoch time). Writes out
 import argparse
 import json
 
-from studylib import BENCH, cifar_root, environment, fmt, has_config, mean_std, recipe, save, stamp, transferlab
+from studylib import BENCH, cifar_root, environment, fmt, has_config, mean_std, save, stamp, transferlab
 
 BEST = ["recipe=strong", "data.batch_size=128", "stages.scratch.optimizer.lr=0.02"]
 BEST_TODAY = [
@@ -29,7 +29,7 @@ BEST_TODAY = [
 
 
 def recipes(best: list[str] | None) -> dict[str, list[str]]:
-    mission = [f"recipe={recipe('mission')}"]
+    mission = [f"recipe={'mission'}"]
     return {"mission": mission, "best": best or (BEST if has_config("recipe", "strong") else [*mission, *BEST_TODAY])}
 
 

@@ -22,7 +22,6 @@ from studylib import (
     fmt,
     has_config,
     mean_std,
-    recipe,
     save,
     split_data,
     stamp,
@@ -50,7 +49,7 @@ def analyse(rows: list[dict], methods: list[str], sizes: list[int], seeds: list[
         ): r["metrics"] if r["status"] == "done" else {}
         for r in rows
     }
-    get = lambda m, size, seed, key: runs.get((recipe(m), size, seed), {}).get(key)
+    get = lambda m, size, seed, key: runs.get((m, size, seed), {}).get(key)
     table = {}
     for size in sizes:
         mission_scratch = [get("mission", size, s, "scratch/test/acc") for s in seeds]
@@ -154,13 +153,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 and 100 labels, seed 0, stages capped at 2 epochs")
     args, extra = parser.parse_known_args()
     sizes, seeds = ([10, 100], [0]) if args.quick else (args.sizes, args.seeds)
-    methods = [m for m in METHODS if has_config("recipe", recipe(m))]
+    methods = [m for m in METHODS if has_config("recipe", m)]
     sweep, env = BENCH / "runs" / f"lowdata-{stamp()}", environment()
     overrides = [
         "experiment=lowdata_study",
         *split_data(cifar_root(args.root)),
         f"data.target.samples_per_class={','.join(map(str, sizes))}",
-        f"recipe={','.join(recipe(m) for m in methods)}",
+        f"recipe={','.join(m for m in methods)}",
         f"seed={','.join(map(str, seeds))}",
         f"hydra.sweep.dir={sweep}",
         *(["trainer.max_epochs_per_stage=2"] if args.quick else []),

@@ -17,7 +17,7 @@ seven on the target's training split (seed 0's) with those accuracies as `result
 import argparse
 import json
 
-from studylib import BENCH, cifar_root, environment, fmt, mean_std, recipe, save, split_data, stamp, transferlab
+from studylib import BENCH, cifar_root, environment, fmt, mean_std, save, split_data, stamp, transferlab
 
 # name -> (overrides of the source run, source epochs in full / --quick mode)
 CANDIDATES = {
@@ -36,7 +36,7 @@ def train_source(data: list[str], name: str, overrides: list[str], epochs: int, 
     run = out / "sources" / name
     rc, _ = transferlab(
         *data,
-        f"recipe={recipe('mission')}",
+        f"recipe={'mission'}",
         "~stages.pretrain",
         "~stages.finetune",
         "~stages.scratch",
@@ -57,7 +57,7 @@ def finetune(data: list[str], name: str, ckpt: str, seed: int, out, quick: bool,
     run = out / "finetune" / f"{name}-seed{seed}"
     rc, _ = transferlab(
         *data,
-        f"recipe={recipe('mission')}",
+        f"recipe={'mission'}",
         f"stages.source.result_ckpt={ckpt}",
         "~stages.scratch",
         f"seed={seed}",

@@ -30,13 +30,6 @@ def split_data(root: Path) -> list[str]:
     return ["data=cifar10_split", f"data.root={root}"]
 
 
-def recipe(name: str) -> str:
-    """The mission's recipe is `mission` (formerly `seed`): use whichever this checkout has."""
-    if name == "mission" and not has_config("recipe", "mission"):
-        return "seed"
-    return name
-
-
 def has_config(group: str, name: str) -> bool:
     return (REPO / "conf" / group / f"{name}.yaml").is_file()
 
