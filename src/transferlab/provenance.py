@@ -27,6 +27,7 @@ def collect() -> dict:
             "platform": platform.platform(),
             "cpu": cpu_name(),
             "cpu_count": _cpu_count(),
+            "torch_threads": torch.get_num_threads(),  # OMP_NUM_THREADS / torch.set_num_threads: speed depends on it
             "gpu_count": torch.cuda.device_count(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
