@@ -7,8 +7,10 @@ the fine-tuned test accuracy (mean over seeds).
 
 Candidates, each a `source` stage trained by `transferlab` on the split's source classes (CANDIDATES): 10, 3 and
 1 epochs; 10 % of the source images; the two vehicle classes only; the three animal classes only; and a
-near-random init (one SGD step). Each is fine-tuned with the mission's recipe (pretrain + finetune, given as
-`stages.source.result_ckpt=`) at the preset's 100 labels per class, once per seed; then `transferlab-rank` scores all
+near-random init (one SGD step). Sources are trained with the stage cache and the low-data study's
+source seed, so src_10ep is the low-data study's source model (trained once, whichever study runs first).
+Each is fine-tuned with the mission's recipe (pretrain + finetune, given as `stages.source.result_ckpt=`) at the
+preset's 100 labels per class, once per seed; then `transferlab-rank` scores all
 seven on the target's training split (seed 0's) with those accuracies as `results=`.
 --quick: fewer source epochs (3/2/1), one seed, fine-tuning capped at 2 epochs. Writes outputs/bench/rank_study
 [_quick].json and .png.
@@ -42,7 +44,8 @@ def train_source(data: list[str], name: str, overrides: list[str], epochs: int, 
         "~stages.scratch",
         f"stages.source.epochs={epochs}",
         "objective=source/test/acc",
-        "cache=false",
+        "stages.source.seed=0",  # as experiment=lowdata_study trains its source: src_10ep is that model (cache)
+        "data.source.seed=0",
         "seed=0",
         f"hydra.run.dir={run}",
         *overrides,

@@ -101,3 +101,17 @@ def test_a_given_checkpoint_that_does_not_exist_is_named(tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and f"stages.source.result_ckpt={tmp_path}/nope.ckpt does not exist" in proc.stderr
+
+
+def test_a_stage_with_its_own_seed_is_trained_once_across_run_seeds(tmp_path):
+    """stages.source.seed (+ data.source.seed) fixes the source whatever the run's seed: a seed sweep reuses one
+    source from the cache and trains what follows under each run's seed."""
+    fixed = ["stages.source.seed=0", "data.source.seed=0", "~stages.scratch", "~stages.finetune"]
+    run(compose_config(tmp_path / "a", [*TINY, *fixed, "seed=0"]))
+    run(compose_config(tmp_path / "b", [*TINY, *fixed, "seed=1"]))
+    a, b = manifest(tmp_path / "a"), manifest(tmp_path / "b")
+    assert [b[s]["cached"] for s in ("source", "pretrain")] == [True, False]
+    assert b["source"]["config_hash"] == a["source"]["config_hash"]
+    assert b["pretrain"]["config"]["seed"] == 1 and b["source"]["config"]["seed"] == 0
+    run(compose_config(tmp_path / "c", [*TINY, "~stages.scratch", "~stages.finetune", "seed=1"]))
+    assert not manifest(tmp_path / "c")["source"]["cached"]  # without its own seed the source follows the run's

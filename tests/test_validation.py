@@ -42,6 +42,7 @@ BAD_VALUES = [
         "stages.pretrain.scheduler.name='cosin' is unknown; available: none, cosine, step.",
     ),
     (["data.batch_size=abc"], 'data.batch_size must be a whole number of at least 1, got "abc".'),
+    (["stages.source.seed=-1"], "stages.source.seed must be null or a whole number of at least 0, got -1."),
     (["data.batch_size=0"], "data.batch_size must be a whole number of at least 1, got 0."),
     (["data.batch_size=true"], "data.batch_size must be a whole number of at least 1, got true."),
     (["data.target.eval_batch_size=-5"], "data.target.eval_batch_size must be a whole number >= 1 or null, got -5."),

@@ -4,23 +4,24 @@ ClassifierModule takes them as keyword arguments (plain containers, so checkpoin
 pipeline checks every stage's options before anything trains.
 """
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
+from transferlab import CONF_DIR
 from transferlab.errors import UserError
 from transferlab.finetuning import resolve_trainable
 from transferlab.models import BLOCKS
 from transferlab.optim import check_scheduler
 
-DEFAULTS = {
-    "trainable": "all",  # all | head | [block names]: the blocks that train; the others are frozen
-    "unfreeze_every": 0,  # N > 0: the top trainable block first, one more every N epochs (from the head down)
-    "backbone_lr_mult": 1.0,  # lr of the backbone's blocks x this (Transfer-Learning-Library: 0.1)
-    "layer_decay": 1.0,  # block i of the model's L blocks: lr x layer_decay^(L-1-i), the head 1 (timm)
-    "decay_norm_bias": True,  # false: weight decay skips norm weights and biases (every 1-d parameter)
-    "label_smoothing": 0.0,  # of the training loss (validation and test report plain cross-entropy)
-    "l2sp": {"alpha": 0.0, "beta": 0.0},  # alpha/2 ||w_backbone - w0||^2 + beta/2 ||w_head||^2 (tllib: 0.01, 0.01)
-    "bss": {"weight": 0.0, "k": 1},  # weight x the k smallest squared singular values of the batch features
-}
+STAGE_SCHEMA = Path(CONF_DIR) / "stage" / "default.yaml"  # the default stage: its keys are a stage's keys
+OPTIONS = (
+    *("trainable", "unfreeze_every", "backbone_lr_mult", "layer_decay", "decay_norm_bias", "label_smoothing"),
+    *("l2sp", "bss"),
+)
+# Their defaults (every one off) and what each means are written once, in the default stage; a ClassifierModule
+# built without the pipeline takes the same values.
+DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(STAGE_SCHEMA)).items() if k in OPTIONS}
 
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 RULES = {  # option -> (test, what it must be)

@@ -28,7 +28,7 @@ from transferlab.fileio import writable_dir
 from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
-from transferlab.plan import StagePlan, check_rerun, plan_stages
+from transferlab.plan import StagePlan, check_rerun, plan_stages, stage_seed
 from transferlab.stage_cache import NoCache, StageCache
 from transferlab.transfer import init_from_checkpoint
 
@@ -190,7 +190,7 @@ def given_checkpoint(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> Sta
 def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule) -> StageRecord:
     """Train one stage (initialised from `plan.init`, or resumed from its own last.ckpt) and test it."""
     name, stage, stage_dir = plan.name, plan.stage, folder.dir / plan.name
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(stage_seed(cfg, stage), workers=True, verbose=False)
     callbacks = [build(c) for c in cfg.callbacks.values()] + console.progress_bars(cfg, name)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     checkpoint.dirpath, checkpoint.save_last = str(stage_dir / "checkpoints"), True  # resume needs last.ckpt

@@ -54,11 +54,16 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
         f"stages.{name}": plain(stage),
         f"data.{stage.task}": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"},
         "model": plain(cfg.model),
-        "seed": cfg.seed,
+        "seed": stage_seed(cfg, stage),
         "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS},
         f"stages.{stage.init} (the init stage's config hash)": upstream,
         "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
     }
+
+
+def stage_seed(cfg: DictConfig, stage) -> int:
+    """The stage's own seed where it has one (a source shared by a seed sweep), else the run's."""
+    return cfg.seed if stage.get("seed") is None else stage.seed
 
 
 def check_rerun(plan: StagePlan, record: StageRecord | None, run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import CONF_DIR, methods
+from transferlab import methods
 from transferlab.data.splits import check_class_list, check_settings
 from transferlab.errors import UserError
 from transferlab.models import BACKBONES, INPUT_SIZES
@@ -29,7 +29,6 @@ RENAMED = {
     "ckpt": "result_ckpt",
     "train": "trainable",
 }  # the last two: stages.<stage>.<key>
-STAGE_SCHEMA = Path(CONF_DIR) / "stage" / "default.yaml"  # the default stage: its keys are a stage's keys
 INIT_HEADS = ("new", "keep")
 
 
@@ -116,7 +115,7 @@ def _refuse_renamed(cfg: DictConfig) -> None:
 # -- stages ----------------------------------------------------------------------------------------------
 def stage_keys() -> list[str]:
     """The keys a stage may have: those of the default stage (conf/stage/default.yaml), less renamed ones."""
-    return [k for k in OmegaConf.load(STAGE_SCHEMA) if k not in RENAMED]
+    return [k for k in OmegaConf.load(methods.STAGE_SCHEMA) if k not in RENAMED]
 
 
 def check_stage_overrides(overrides: list[str]) -> None:
@@ -170,6 +169,7 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
     if stage.init_head not in INIT_HEADS:
         raise UserError(f"{at}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
     whole_number(f"{at}.epochs", stage.epochs)
+    whole_number(f"{at}.seed", stage.seed, minimum=0, optional=True)
     _mapping(f"{at}.optimizer", stage.optimizer)
     choice(f"{at}.optimizer.name", stage.optimizer.get("name", "sgd"), OPTIMIZERS)
     number(f"{at}.optimizer.lr", stage.optimizer.get("lr"), 0, float("inf"), low_open=True)
