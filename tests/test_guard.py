@@ -27,20 +27,23 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS
 ENV.pop("HYDRA_FULL_ERROR", None)
 
 
-def start_and_wait(run_dir: Path, step: int = 20) -> subprocess.Popen:
+def start_and_wait(run_dir: Path, step: int = 20, extra: list[str] = ()) -> subprocess.Popen:
     """Start the CLI (source stage only) and return once it waits at global step `step` of the source stage (14
     steps an epoch: step 20 is in epoch 1, after epoch 0's last.ckpt)."""
     marker = run_dir.parent / f"marker-{run_dir.name}-{time.time_ns()}"
     args = [
         str(Path(sys.executable).parent / "transferlab"),
         *SOURCE_ONLY,
+        *extra,
         f"hydra.run.dir={run_dir}",
         "+callbacks.wait._target_=helpers.MarkAndWaitAtStep",
         "+callbacks.wait.stage=source",
         f"+callbacks.wait.step={step}",
         f"+callbacks.wait.marker={marker}",
     ]
-    proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(  # its own process group, as a shell job: Ctrl-C (SIGINT to the group) can be sent
+        args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     while not marker.exists():
         assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
@@ -322,3 +325,42 @@ def test_unreadable_checkpoint_is_named_as_unreadable_not_corrupt(genuine):
         shutil.rmtree(folder)
     assert message.startswith(f"{unreadable} cannot be read (Permission denied)"), message
     assert "corrupt" not in message and "Give the path of a good copy" in message
+
+
+@pytest.mark.parametrize("sig,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["kill", "ctrl-c"])
+def test_a_signal_under_ddp_stops_every_rank_with_one_line_and_a_rerun_resumes(tmp_path, sig, to_group):
+    """A 2-process DDP run (gloo): SIGTERM to the launching process only (`kill PID`; rank 0 forwards it to rank
+    1 through Lightning's launcher), or SIGINT to the whole process group (Ctrl-C in a terminal). Every rank
+    stops, one line is printed (not one per rank), no process is left behind, the stage is `interrupted`, and the
+    same command resumes and finishes under DDP."""
+    run_dir, ddp = tmp_path / "run", ["trainer=ddp_cpu"]
+    proc = start_and_wait(run_dir, step=10, extra=ddp)  # each rank has half the batches: 7 steps an epoch
+    children = child_pids(proc.pid)
+    assert children, "DDP started no second process"
+    os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 128 + sig)
+    assert line.startswith(f"transferlab: stopped by {sig.name}: stage 'source' is marked interrupted")
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a DDP rank outlived the run"
+    assert stages(run_dir)["source"]["status"] == "interrupted"
+    done = cli("transferlab", *SOURCE_ONLY, *ddp, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Stage source: resuming from" in done.stdout + done.stderr
+    source = stages(run_dir)["source"]
+    assert source["status"] == "done" and source["epochs"] == 2
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (from /proc: Linux, as the DDP launcher's children are)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

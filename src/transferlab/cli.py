@@ -77,18 +77,22 @@ def _report_user_errors(task):
 
 
 def _exit_interrupted(stop, cfg: DictConfig) -> None:
-    """SIGTERM/SIGINT: one line and exit 128 + signal (143, 130), also in a sweep (the rest of it is not run)."""
+    """SIGTERM/SIGINT: one line and exit 128 + signal (143, 130), also in a sweep (the rest of it is not run)
+    and on every DDP rank."""
     run_dir = cfg.paths.run_dir
     where = (
         f"stage {stop.stage!r} is marked interrupted in {run_dir}/manifest.json"
         if stop.stage
         else f"no stage was running in {run_dir}"
     )
-    print(
-        f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
-        "to resume.",
-        file=sys.stderr,
-    )
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # under DDP every rank stops (rank 0 forwards the signal): one line, not one each
+        print(
+            f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
+            "to resume.",
+            file=sys.stderr,
+        )
     sys.exit(stop.exit_code)
 
 
