@@ -327,25 +327,25 @@ def test_unreadable_checkpoint_is_named_as_unreadable_not_corrupt(genuine):
     assert "corrupt" not in message and "Give the path of a good copy" in message
 
 
-@pytest.mark.parametrize("sig,to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["kill", "ctrl-c"])
-def test_a_signal_under_ddp_stops_every_rank_with_one_line_and_a_rerun_resumes(tmp_path, sig, to_group):
+def test_signals_under_ddp_stop_every_rank_with_one_line_and_a_rerun_resumes(tmp_path):
     """A 2-process DDP run (gloo): SIGTERM to the launching process only (`kill PID`; rank 0 forwards it to rank
-    1 through Lightning's launcher), or SIGINT to the whole process group (Ctrl-C in a terminal). Every rank
-    stops, one line is printed (not one per rank), no process is left behind, the stage is `interrupted`, and the
-    same command resumes and finishes under DDP."""
+    1 through Lightning's launcher), then, in the resumed run, SIGINT to the whole process group (Ctrl-C in a
+    terminal). Each time every rank stops, one line is printed (not one per rank), no process is left behind and
+    the stage is `interrupted`; the same command then resumes and finishes under DDP."""
     run_dir, ddp = tmp_path / "run", ["trainer=ddp_cpu"]
-    proc = start_and_wait(run_dir, step=10, extra=ddp)  # each rank has half the batches: 7 steps an epoch
-    children = child_pids(proc.pid)
-    assert children, "DDP started no second process"
-    os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
-    _, stderr = proc.communicate(timeout=120)
-    line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 128 + sig)
-    assert line.startswith(f"transferlab: stopped by {sig.name}: stage 'source' is marked interrupted")
-    deadline = time.time() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a DDP rank outlived the run"
-    assert stages(run_dir)["source"]["status"] == "interrupted"
+    for sig, to_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        proc = start_and_wait(run_dir, step=10, extra=ddp)  # each rank has half the batches: 7 steps an epoch
+        children = child_pids(proc.pid)
+        assert children, "DDP started no second process"
+        os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=120)
+        line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 128 + sig)
+        assert line.startswith(f"transferlab: stopped by {sig.name}: stage 'source' is marked interrupted")
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a DDP rank outlived the run"
+        assert stages(run_dir)["source"]["status"] == "interrupted"
     done = cli("transferlab", *SOURCE_ONLY, *ddp, f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Stage source: resuming from" in done.stdout + done.stderr
