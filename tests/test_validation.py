@@ -12,7 +12,7 @@ from conftest import TINY, compose_config, run_cli
 from omegaconf import OmegaConf
 from test_reliability import ONLY_SOURCE, assert_user_error, transferlab
 
-from transferlab import cli, report, validation
+from transferlab import cli, methods, report, validation
 
 IMAGENET32_64 = [
     "data/source=imagenet32",
@@ -25,7 +25,7 @@ IMAGENET32_64 = [
 CIFAR = ["data/target=cifar10"]  # validation refuses its values before the data (root: null) is read
 STAGE_KEYS = (
     "task, init, init_ckpt, init_head, trainable, unfreeze_every, backbone_lr_mult, layer_decay, decay_norm_bias, "
-    "label_smoothing, l2sp, bss, result_ckpt, epochs, optimizer, scheduler"
+    "label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler"
 )
 
 # override(s) -> fragments of the one message; each is refused before anything is written or trained
@@ -101,7 +101,7 @@ BAD_VALUES = [
     (
         ["+stages.extra.task=target"],
         "stages.extra lacks init, init_ckpt, init_head, trainable, unfreeze_every, backbone_lr_mult, layer_decay, "
-        "decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, optimizer, scheduler: a stage added "
+        "decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler: a stage added "
         "on the command line starts from the default stage with +stage@stages.extra=default",
     ),
     (
@@ -233,6 +233,7 @@ def _explicit(task, init, init_head, lr, epochs=10, train="all", momentum=0.0, w
         "bss": {"weight": 0.0, "k": 1},
         "result_ckpt": None,
         "epochs": epochs,
+        "seed": None,
         "scheduler": {"name": scheduler, "warmup_epochs": 0, "interval": "epoch"},
         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay},
     }
@@ -262,7 +263,7 @@ def test_composed_recipes_equal_the_explicit_ones(recipe, expected):
 
 
 def test_a_stage_key_is_one_line_in_the_default_stage():
-    default = OmegaConf.load(validation.STAGE_SCHEMA)
+    default = OmegaConf.load(methods.STAGE_SCHEMA)
     assert validation.stage_keys() == [k for k in default if k not in validation.RENAMED] == STAGE_KEYS.split(", ")
 
 
