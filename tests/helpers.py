@@ -103,3 +103,11 @@ class SaveRankWeights(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         torch.save(pl_module.state_dict(), Path(trainer.default_root_dir) / f"weights_rank{trainer.global_rank}.pt")
+
+
+class SaveInitialHead(L.Callback):
+    """Save the head's weights as the stage starts training (after any init from another stage), to
+    <stage dir>/initial_head.pt."""
+
+    def on_train_start(self, trainer, pl_module):
+        torch.save(pl_module.head.weight.detach().clone(), Path(trainer.default_root_dir) / "initial_head.pt")

@@ -167,3 +167,22 @@ def test_the_gain_compares_the_stages_named_in_the_config(finished_run, tmp_path
     flat = run(compose_config(run_dir, [*TINY, "gain.compare=pretrain"]))["metrics"]
     assert flat["gain/acc"] == pytest.approx(flat["pretrain/test/acc"] - flat["scratch/test/acc"])
     assert "**Transfer gain** (pretrain − scratch, test accuracy)" in (run_dir / "results.md").read_text()
+
+
+def test_a_new_head_is_its_own_draw_not_a_replay_of_the_source_heads_init(tmp_path):
+    """Seeded alike, source and pretrain built the same modules in the same order, so pretrain's "new" head
+    repeated the source head's initial rows (the same fan-in): target class i started tied to source class i.
+    Now it is drawn from its own stream (seed, stage name): unrelated to the source head, the same on a re-run."""
+    from conftest import TINY, compose_config
+
+    only = ["~stages.finetune", "~stages.scratch", "objective=pretrain/test/acc"]
+    heads = []
+    for attempt in ("a", "b"):
+        cfg = compose_config(tmp_path / attempt, [*TINY, *only, "+callbacks.head._target_=helpers.SaveInitialHead"])
+        run(cfg)
+        heads.append({s: torch.load(tmp_path / attempt / s / "initial_head.pt") for s in ("source", "pretrain")})
+    source, pretrain = heads[0]["source"], heads[0]["pretrain"]  # 6 source classes, 10 target classes
+    assert source.shape == (6, 128) and pretrain.shape == (10, 128)
+    corr = torch.corrcoef(torch.stack([source.flatten(), pretrain[:6].flatten()]))[0, 1]
+    assert abs(corr) < 0.1, f"pretrain's new head correlates {corr:.2f} with the source head's init"
+    assert torch.equal(heads[1]["pretrain"], pretrain)  # deterministic: a re-run draws the same head

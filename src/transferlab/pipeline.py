@@ -28,9 +28,9 @@ from transferlab.fileio import writable_dir
 from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
-from transferlab.plan import StagePlan, check_rerun, plan_stages, stage_seed
+from transferlab.plan import StagePlan, check_rerun, new_head_seed, plan_stages, stage_seed
 from transferlab.stage_cache import NoCache, StageCache
-from transferlab.transfer import init_from_checkpoint
+from transferlab.transfer import draw_new_head, init_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,8 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     elif plan.init is not None:
         log.debug("Stage %s: initialised from %s (%s head)", name, plan.init, stage.init_head)
         init_from_checkpoint(module, plan.init, new_head=stage.init_head == "new")
+        if stage.init_head == "new":
+            draw_new_head(module, new_head_seed(stage_seed(cfg, stage), name))
     record = StageRecord(
         status="running",
         task=stage.task,

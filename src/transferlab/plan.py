@@ -12,6 +12,7 @@ from transferlab import __version__
 from transferlab.errors import UserError
 from transferlab.manifest import StageRecord
 
+NEW_HEAD_DRAW = "own stream (seed, stage name)"  # since the new head stopped replaying the source head's init
 UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  # don't change results
 
 
@@ -49,7 +50,7 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
             f"stages.{name}.result_ckpt": str(path.resolve()),
             f"stages.{name}.result_ckpt (file size)": path.stat().st_size if path.is_file() else None,
         }
-    return {
+    config = {
         "transferlab version": __version__,
         f"stages.{name}": plain(stage),
         f"data.{stage.task}": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"},
@@ -59,11 +60,20 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
         f"stages.{stage.init} (the init stage's config hash)": upstream,
         "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
     }
+    if (stage.init or stage.get("init_ckpt")) and stage.init_head == "new":
+        config["new head"] = NEW_HEAD_DRAW  # a key only where it applies: the other stages' hashes stay as they were
+    return config
 
 
 def stage_seed(cfg: DictConfig, stage) -> int:
     """The stage's own seed where it has one (a source shared by a seed sweep), else the run's."""
     return cfg.seed if stage.get("seed") is None else stage.seed
+
+
+def new_head_seed(seed: int, stage_name: str) -> int:
+    """The seed of a stage's new head: its own stream, derived from the stage's seed and name (see
+    transfer.draw_new_head)."""
+    return int(hashlib.sha256(f"{seed}/{stage_name}/new head".encode()).hexdigest()[:8], 16)
 
 
 def check_rerun(plan: StagePlan, record: StageRecord | None, run_dir: Path) -> None:

@@ -27,6 +27,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def draw_new_head(module: nn.Module, seed: int) -> None:
+    """Draw the new head from its own random stream. Drawn from the global one, seeded as the source stage was
+    (the same seed, the same modules built in the same order), it repeated the source head's initial weights row
+    for row, so target class i started out tied to source class i: on the CIFAR-10 class split, seed 0 gave 8-18 %
+    test accuracy, below chance, for every transfer recipe at 10 and 25 labels per class."""
+    with torch.random.fork_rng(devices=[]):  # the global stream goes on as before: nothing else changes
+        torch.manual_seed(seed)
+        module.head.reset_parameters()
+
+
 def init_from_checkpoint(module: nn.Module, path: str | Path, new_head: bool) -> None:
     """Copy `path`'s weights into `module`. With `new_head`, the head keeps its fresh initialisation (the
     class count may differ); every other key must be present with the same shape."""
