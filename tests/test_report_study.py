@@ -1,5 +1,5 @@
 """The low-data study preset: it composes with the real config, and a tiny version of its sweep runs, trains
-the source once per seed (stage cache) and ends with the report."""
+the source once for every seed (its own seed, the stage cache) and ends with the report."""
 
 import csv
 import json
@@ -38,7 +38,7 @@ def test_every_recipe_of_the_study_composes_with_it():
 
 
 @pytest.mark.slow
-def test_a_tiny_study_trains_the_source_once_per_seed_and_reports_mean_and_std(tmp_path):
+def test_a_tiny_study_trains_the_source_once_and_reports_mean_and_std(tmp_path):
     """The study's sweep, narrowed to 2 sizes x 2 recipes x 2 seeds (8 jobs), on a built-in source and a small
     CIFAR-10-layout target (the data=cifar10_split preset's shape, at test size)."""
     sweep, cifar = tmp_path / "sweep", write_cifar10(tmp_path / "cifar", n_train=400, n_test=100)
