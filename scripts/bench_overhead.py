@@ -150,7 +150,7 @@ def _drain(fd, sink):
 def plain_loop(args, cifar: Path, tmp: Path) -> dict:
     """The same work by hand: the data module only provides the split tensors."""
     from transferlab.data import CIFAR10DataModule
-    from transferlab.data.base import random_crop_flip
+    from transferlab.data.inputs import random_crop_flip
     from transferlab.models import build_backbone
 
     dm = CIFAR10DataModule(root=str(cifar), samples_per_class=args.train_per_class or None, seed=0)
