@@ -5,7 +5,7 @@ over scratch, mean ± sample std over seeds.
     python scripts/study_lowdata.py [--root DIR] [--sizes 10 25 100 500] [--seeds 0 1 2] [--quick] [overrides...]
 
 One command underneath: `transferlab -m experiment=lowdata_study data=cifar10_split ...` (the source stage is
-trained once per seed through the stage cache; the sweep folder gets its own report.md/csv/png). Methods:
+trained once, with its own seed, through the stage cache; the sweep folder gets its own report.md/csv/png). Methods:
 scratch (the mission recipe's scratch stage), the mission's recipe, LP-FT, L2-SP, discriminative LR and the
 best recipe (`recipe=strong`, whose own scratch stage is reported too); a recipe this checkout lacks is listed
 as not run. Gains are paired by seed and labels per class: finetune(method, seed) - scratch(mission, seed).
