@@ -21,7 +21,8 @@ OPTIONS = (
 )
 # Their defaults (every one off) and what each means are written once, in the default stage; a ClassifierModule
 # built without the pipeline takes the same values.
-DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(STAGE_SCHEMA)).items() if k in OPTIONS}
+DEFAULT_STAGE = OmegaConf.to_container(OmegaConf.load(STAGE_SCHEMA))  # read once; validation takes its keys
+DEFAULTS = {k: v for k, v in DEFAULT_STAGE.items() if k in OPTIONS}
 
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 RULES = {  # option -> (test, what it must be)

@@ -115,7 +115,7 @@ def _refuse_renamed(cfg: DictConfig) -> None:
 # -- stages ----------------------------------------------------------------------------------------------
 def stage_keys() -> list[str]:
     """The keys a stage may have: those of the default stage (conf/stage/default.yaml), less renamed ones."""
-    return [k for k in OmegaConf.load(methods.STAGE_SCHEMA) if k not in RENAMED]
+    return [k for k in methods.DEFAULT_STAGE if k not in RENAMED]
 
 
 def check_stage_overrides(overrides: list[str]) -> None:
