@@ -45,7 +45,11 @@ BAD_VALUES = [
     (["stages.source.seed=-1"], "stages.source.seed must be null or a whole number of at least 0, got -1."),
     (["data.batch_size=0"], "data.batch_size must be a whole number of at least 1, got 0."),
     (["data.batch_size=true"], "data.batch_size must be a whole number of at least 1, got true."),
-    (["data.target.eval_batch_size=-5"], "data.target.eval_batch_size must be a whole number >= 1 or null, got -5."),
+    (
+        ["data.target.eval_batch_size=-5"],
+        "data.target.eval_batch_size must be a whole number >= 1, auto (chosen for the device) or null (the "
+        "training batch size), got -5.",
+    ),
     (["stages.source.epochs=abc"], 'stages.source.epochs must be a whole number of at least 1, got "abc".'),
     (["stages.pretrain.epochs=1.5"], "stages.pretrain.epochs must be a whole number of at least 1, got 1.5."),
     (["stages.pretrain.epochs=abc"], 'stages.pretrain.epochs must be a whole number of at least 1, got "abc".'),
@@ -111,6 +115,9 @@ BAD_VALUES = [
     (["stages.pretrain.init_head=maybe"], "stages.pretrain.init_head='maybe': use 'new' or 'keep'."),
     (["trainer.max_epochs_per_stage=0"], "trainer.max_epochs_per_stage must be null or a whole number of at least 1"),
     (["cache=maybe"], 'cache must be true or false, got "maybe".'),
+    (["channels_last=maybe"], "channels_last='maybe' is not a choice: give channels_last=auto | true | false."),
+    (["compile=1"], "compile=1 is not a choice: give compile=true | false."),
+    (["data.target.eval_batch_size=fast"], "data.target.eval_batch_size must be a whole number >= 1, auto"),
     (["seed=-1"], "seed must be a whole number of at least 0, got -1."),
     # renamed: the old name is refused with the new one
     (["recipe=seed"], "recipe=seed was renamed recipe=mission: use recipe=mission instead."),

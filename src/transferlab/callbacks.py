@@ -1,4 +1,4 @@
-"""Callbacks of the pipeline (configured in conf/callbacks/)."""
+"""Callbacks of the pipeline (configured in conf/callbacks/, and SpeedSettings, added by make_trainer)."""
 
 import math
 from pathlib import Path
@@ -55,3 +55,16 @@ def check_losses(stage: str, stage_dir: Path, num_classes: int, **losses) -> Non
                 f"failed and its results are not used. Lower stages.{stage}.optimizer.lr (or add a scheduler), then "
                 f"delete {stage_dir} (its checkpoints were trained at the old lr) and re-run, or use a new run folder."
             )
+
+
+class SpeedSettings(L.Callback):
+    """Applies `trainer.channels_last` and `trainer.compile` to the module before it runs (fit, validate, test)."""
+
+    def __init__(self, channels_last: bool = False, compile: bool = False):
+        self.channels_last, self.compile = channels_last, compile
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.channels_last:  # convolutions follow the weights' layout; inputs are converted by them
+            pl_module.to(memory_format=torch.channels_last)
+        if self.compile and getattr(pl_module.backbone, "_compiled_call_impl", None) is None:
+            pl_module.backbone.compile()  # in place: the state dict's keys stay as they are

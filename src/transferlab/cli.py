@@ -15,11 +15,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from transferlab import CONF_DIR
 from transferlab.errors import UserError, user_message
-from transferlab.speed import resolve_precision
+from transferlab.speed import resolve_channels_last, resolve_precision
 
 log = logging.getLogger("transferlab")
 OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
 OmegaConf.register_new_resolver("resolve_precision", resolve_precision, replace=True)  # precision=auto
+OmegaConf.register_new_resolver("resolve_channels_last", resolve_channels_last, replace=True)  # channels_last=auto
 
 
 def objective(results: dict, name: str) -> float:

@@ -1,5 +1,6 @@
 """Objects built from config: `build` (Hydra's instantiate, with a UserError surfacing as itself) and
-`make_trainer` (the Trainer of `cfg.trainer`). Used by the pipeline and by `transferlab-eval`."""
+`make_trainer` (the Trainer of `cfg.trainer`, with its speed settings). Used by the pipeline and by
+`transferlab-eval`."""
 
 import logging
 import warnings
@@ -9,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.callbacks import SpeedSettings
 from transferlab.checkpoint_io import AtomicCheckpointIO
 from transferlab.errors import UserError
 
@@ -27,6 +29,8 @@ def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.
     trainer_cfg.pop("max_epochs", None)  # the old name of max_epochs_per_stage: refused by validation when set
     cap = trainer_cfg.pop("max_epochs_per_stage", None)
     epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None
+    speed = SpeedSettings(trainer_cfg.pop("channels_last", False), trainer_cfg.pop("compile", False))
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), speed]
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # whole checkpoints or none, whatever the temp folder
     return build(trainer_cfg, max_epochs=epochs, **kwargs)
 

@@ -6,11 +6,19 @@
   the same step ran ~7x slower (65 vs 430 img/s). Otherwise `32-true`.
 - GPU: `bf16-mixed` when the GPU supports bf16 (torch.cuda.is_bf16_supported), else `32-true`.
 Any explicit value (`32-true`, `16-mixed`, `bf16-mixed`, ...) is used as given.
+
+`channels_last=auto` (the default) stores conv weights channels-last where that was measured faster: on an x86
+CPU with AVX2 or AVX-512 (oneDNN's convolutions run NHWC natively; the ConvNet trained 1.2x faster on the AVX2
+reference machine, scripts/bench_throughput.py); elsewhere, GPUs included, contiguous until measured there.
+`compile=true` compiles the backbone with torch.compile: off by default (slower for the ConvNet on the reference
+CPU, and each stage pays its compile time). Both change results only within float rounding, and both are part of
+a stage's hash (trainer config).
 """
 
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NHWC_CPU_FLAGS = ("avx2", "avx512f")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -43,3 +51,13 @@ def resolve_precision(precision, accelerator="cpu", flags: set[str] | None = Non
     if str(accelerator) == "cpu":
         return "bf16-mixed" if native_bf16(flags) else "32-true"
     return "32-true"
+
+
+def resolve_channels_last(value, accelerator="cpu", flags: set[str] | None = None):
+    """`channels_last=auto` -> whether channels-last weights are the faster layout on this machine (module doc);
+    an explicit value is returned as given (validation says what is allowed)."""
+    if str(value) != "auto":
+        return value
+    flags = cpu_flags() if flags is None else flags
+    return str(accelerator) == "cpu" and any(f in flags for f in NHWC_CPU_FLAGS)
+

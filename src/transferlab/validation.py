@@ -271,6 +271,9 @@ def check_image_size(cfg: DictConfig, tasks) -> None:
 # -- trainer ---------------------------------------------------------------------------------------------
 def check_trainer(trainer: DictConfig) -> None:
     whole_number("trainer.max_epochs_per_stage", trainer.get("max_epochs_per_stage"), optional=True)
+    for key, values in (("channels_last", "auto | true | false"), ("compile", "true | false")):
+        if not isinstance(trainer.get(key, False), bool):
+            raise UserError(f"{key}={trainer[key]!r} is not a choice: give {key}={values}.")
     check_devices(trainer)
 
 

@@ -38,7 +38,14 @@ def check_settings(
             )
 
     integer("batch_size", batch_size, 1)
-    integer("eval_batch_size", eval_batch_size, 1, allow_none=True)
+    if eval_batch_size != "auto" and eval_batch_size is not None:
+        try:
+            integer("eval_batch_size", eval_batch_size, 1)
+        except UserError:
+            raise UserError(
+                f"{key}.eval_batch_size must be a whole number >= 1, auto (chosen for the device) or null (the "
+                f"training batch size), got {eval_batch_size!r}."
+            ) from None
     integer("num_workers", num_workers, 0)
     integer("samples_per_class", samples_per_class, 1, allow_none=True)
     fraction("val_fraction", val_fraction, low_open=False)
