@@ -9,12 +9,12 @@ from conftest import REPO, TINY, run_cli
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 
 
-def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path):
+def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw_and_one_console(tmp_path):
     tmp_path = tmp_path / "run"  # outputs/ (the stage cache) stays beside it
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO / 'tests'}:{env_path}"
     try:
-        run_cli(
+        proc = run_cli(
             "transferlab",
             *TINY,
             "trainer=ddp_cpu",
@@ -32,6 +32,11 @@ def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw(tmp_path
         for key, value in seen[0].items():
             assert stage["test"][key] == pytest.approx(value, abs=1e-6), (name, key)
     assert (tmp_path / "train_ddp_process_1.log").is_file()  # Lightning's rank-1 log, in the same folder
+    console = proc.stdout + proc.stderr  # rank 0 speaks for both ranks: one header per stage, one banner
+    for n, name in enumerate(manifest, 1):
+        assert console.count(f"stage {n}/4 {name} ·") == 1, console
+    for line in ("GPU available", "Initializing distributed", "distributed_backend", "Results ("):
+        assert console.count(line) == 1, (line, console)
     assert not any(p.is_dir() and p.name not in manifest and p.name != ".hydra" for p in tmp_path.iterdir())
 
 

@@ -1,5 +1,6 @@
 """What a run prints: one header line per stage, a progress bar named after its stage, Lightning's banner lines
-once per run, plain message lines. `verbose=true` (or `hydra.verbose=true`) shows everything, in Hydra's format.
+once per run, plain message lines, from rank 0 only under DDP. `verbose=true` (or `hydra.verbose=true`) shows
+everything, in Hydra's format.
 
 The log file of a run (`<run>/<job>.log`) always keeps every line: only the console is filtered."""
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 ONCE = (
     "GPU available",
@@ -30,13 +32,17 @@ HIDDEN = (
 
 
 class _Banner(logging.Filter):
-    """Drops Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines."""
+    """Drops Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines;
+    under DDP, the info lines of every rank but 0 (each rank is a process with its own console: rank 0 speaks for
+    all; warnings and errors of every rank still show)."""
 
     def __init__(self):
         super().__init__()
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO and rank_zero_only.rank != 0:
+            return False
         if not record.name.startswith("lightning"):
             return True
         message = record.getMessage()

@@ -60,4 +60,3 @@ def resolve_channels_last(value, accelerator="cpu", flags: set[str] | None = Non
         return value
     flags = cpu_flags() if flags is None else flags
     return str(accelerator) == "cpu" and any(f in flags for f in NHWC_CPU_FLAGS)
-
