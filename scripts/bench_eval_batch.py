@@ -1,8 +1,10 @@
 """Evaluation throughput of the ConvNet against the eval batch size, next to its training throughput, on whatever
 CPU this is: which `data.<task>.eval_batch_size` makes validation fast here.
 
-Random 32x32 inputs already in memory (the model's cost, not the input pipeline's). Rounds are interleaved: each
-round times every batch size once, then a training pass at the training batch; the figures are the medians.
+Random 32x32 inputs already in memory (the model's cost, not the input pipeline's), the weights in the layout
+`channels_last=auto` picks on this machine (`--channels-last true|false` to choose), evaluation under
+torch.inference_mode as Lightning's val/test loops run it. Rounds are interleaved: each round times every batch
+size once, then a training pass at the training batch; the figures are the medians.
 Writes outputs/bench/eval_batch.json.
 
     python scripts/bench_eval_batch.py                      # batch sizes 64 128 256 500 1000, 5 rounds
@@ -20,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from transferlab.models import build_backbone
+from transferlab.speed import resolve_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +33,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     args = parser.parse_args()
+    channels_last = resolve_channels_last({"true": True, "false": False}.get(args.channels_last, "auto"), "cpu")
     torch.manual_seed(0)
     backbone, features = build_backbone("convnet")
     model = torch.nn.Sequential(backbone, torch.nn.Linear(features, 10))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     x, y = torch.randn(args.images, 3, 32, 32), torch.randint(0, 10, (args.images,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     load_before = os.getloadavg()
     evals, trains = {b: [] for b in args.sizes}, []
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
         model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             for b in args.sizes:
                 start = time.perf_counter()
                 for i in range(0, args.images, b):
@@ -61,6 +68,7 @@ def main() -> None:
         "train_batch": args.train_batch,
         "eval_img_s": {b: round(statistics.median(v[1:])) for b, v in evals.items()},
         "eval_over_train": {b: round(statistics.median(v[1:]) / train, 2) for b, v in evals.items()},
+        "channels_last": channels_last,
         "rounds": args.rounds,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

@@ -9,8 +9,10 @@ validate on the 5,000-image val split after every epoch (and save a checkpoint),
   scripts/bench_startup.py's business).
 - `plain`: the same model, batches, augmentation, evaluation and checkpoint saves as a hand-written loop.
 
-Rounds are interleaved (cli, cli_no_bar, plain, cli, ...) so that a machine shared with other jobs slows all
-three alike; the ratios are of the medians. Writes outputs/bench/overhead.json.
+Rounds are interleaved (cli, cli_no_bar, plain, then plain, cli_no_bar, cli, ...) so that a machine shared with
+other jobs slows all three alike; `ratio` is of the medians, `per_round` each round's ratio (mean ± std over
+rounds). The model runs alike in both: the plain loop uses the eval batch and channels_last that `auto` picks for
+the CLI on this machine. Writes outputs/bench/overhead.json.
 
     python scripts/bench_overhead.py                 # 45k train, 2 epochs, 3 rounds
     python scripts/bench_overhead.py --quick         # 3k train, 1 epoch, 2 rounds (~10 min on 2 shared cores)
@@ -110,7 +112,6 @@ def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
         "cache=false",
         "logger=csv",
         f"trainer.enable_progress_bar={str(bar).lower()}",
-        "data.target.eval_batch_size=500",
         f"hydra.run.dir={tmp / f'run{n}'}",
         "+callbacks.bench_timer._target_=bench_overhead.BenchTimer",
     ]
@@ -148,10 +149,13 @@ def _drain(fd, sink):
 
 
 def plain_loop(args, cifar: Path, tmp: Path) -> dict:
-    """The same work by hand: the data module only provides the split tensors."""
+    """The same work by hand: the data module only provides the split tensors; the model runs as the CLI's does on
+    this machine (the eval batch and channels_last that `auto` picks here), so the ratio is the CLI's overhead."""
     from transferlab.data import CIFAR10DataModule
+    from transferlab.data.base import auto_eval_batch
     from transferlab.data.inputs import random_crop_flip
     from transferlab.models import build_backbone
+    from transferlab.speed import resolve_channels_last
 
     dm = CIFAR10DataModule(root=str(cifar), samples_per_class=args.train_per_class or None, seed=0)
     dm.setup()
@@ -162,15 +166,18 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
     torch.manual_seed(0)
     backbone, features = build_backbone("convnet")
     model = nn.Sequential(backbone, nn.Linear(features, dm.num_classes))
+    if resolve_channels_last("auto", "cpu"):
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
+    eval_batch = auto_eval_batch("cpu", 64)
 
     def evaluate(x, y):
         model.eval()
         correct = 0
         with torch.no_grad():
-            for i in range(0, len(x), 500):
-                correct += (model(norm(x[i : i + 500])).argmax(1) == y[i : i + 500]).sum().item()
+            for i in range(0, len(x), eval_batch):
+                correct += (model(norm(x[i : i + eval_batch])).argmax(1) == y[i : i + eval_batch]).sum().item()
         return correct / len(x)
 
     times = {"train": 0.0, "val": 0.0, "test": 0.0}
@@ -255,10 +262,14 @@ def main() -> None:
     runs: dict[str, list] = {"cli": [], "cli_no_bar": [], "plain": []}
     tmp = REPO / "outputs" / "bench" / "overhead_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    variants = {
+        "cli": lambda n: run_cli(args, cifar, tmp, 2 * n, bar=True),
+        "cli_no_bar": lambda n: run_cli(args, cifar, tmp, 2 * n + 1, bar=False),
+        "plain": lambda n: plain_loop(args, cifar, tmp),
+    }
     for n in range(args.rounds):
-        runs["cli"].append(run_cli(args, cifar, tmp, 2 * n, bar=True))
-        runs["cli_no_bar"].append(run_cli(args, cifar, tmp, 2 * n + 1, bar=False))
-        runs["plain"].append(plain_loop(args, cifar, tmp))
+        for name in list(variants)[:: 1 if n % 2 == 0 else -1]:  # odd rounds in reverse: no variant always first
+            runs[name].append(variants[name](n))
         done = "; ".join(
             f"{k} "
             + ", ".join(f"{part} {t:.1f} s ({v[-1]['cpu'][part]:.1f} cpu)" for part, t in v[-1]["times"].items())
@@ -275,6 +286,20 @@ def main() -> None:
         "cpu_cli_vs_plain": round(plain_cpu / result["cli"]["work_cpu_s"], 3),
         "cpu_cli_no_bar_vs_plain": round(plain_cpu / result["cli_no_bar"]["work_cpu_s"], 3),
         "cpu_bar_cost": round(result["cli"]["work_cpu_s"] / result["cli_no_bar"]["work_cpu_s"] - 1, 3),
+    }
+    work = lambda r: r["times"]["fit"] + r["times"]["test"]
+    paired = {  # per round, each variant against the plain loop of the same round: the spread of the ratio
+        "cli_vs_plain": [work(p) / work(c) for c, p in zip(runs["cli"], runs["plain"])],
+        "cli_no_bar_vs_plain": [work(p) / work(c) for c, p in zip(runs["cli_no_bar"], runs["plain"])],
+        "bar_cost": [work(c) / work(b) - 1 for c, b in zip(runs["cli"], runs["cli_no_bar"])],
+    }
+    result["per_round"] = {
+        k: {
+            "values": [round(v, 3) for v in vs],
+            "mean": round(statistics.fmean(vs), 3),
+            "std": round(statistics.stdev(vs), 3) if len(vs) > 1 else None,
+        }
+        for k, vs in paired.items()
     }
     result["setup"] = {
         "epochs": args.epochs,

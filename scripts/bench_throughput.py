@@ -3,17 +3,21 @@ whatever device is present, over batch size, fp32/bf16 autocast, channels_last a
 
 The data sit on the device as uint8 (as `data.device_resident` keeps them on a GPU): a step indexes a random
 batch, converts and normalises it on the device, so the figure is the model's, not the input pipeline's. Every
-configuration is warmed up first (torch.compile compiles there) and timed for at least `--seconds`.
+configuration is warmed up first (torch.compile compiles there) and timed for at least `--seconds`; with
+`--rounds N` the whole grid is timed N times, interleaved, and each row gives the median, the per-round values and
+its ratio to the fp32 / contiguous / eager row of the same model, batch and round (median over rounds).
 Writes outputs/bench/throughput.json, with the CPU's bf16 flags and the load average next to the numbers.
 
     python scripts/bench_throughput.py            # every combination
     python scripts/bench_throughput.py --quick    # CPU: fewer combinations and shorter timings (a few minutes)
+    python scripts/bench_throughput.py --models convnet --batches 64 --precisions 32-true --rounds 3
 """
 
 import argparse
 import itertools
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -78,7 +82,7 @@ def measure(
 
 
 def configurations(args, device):
-    grid = itertools.product(args.models, args.batches, (False, True), (False, True), args.compile)
+    grid = itertools.product(args.models, args.batches, args.bf16, (False, True), args.compile)
     for model, batch, bf16, cl, compiled in grid:
         if args.quick and device.type == "cpu":  # 2 shared cores: the rows that decide the CPU preset
             if model == "resnet18" and (batch > 64 or compiled or cl):
@@ -94,40 +98,63 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 512])
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "throughput.json"))
     args = parser.parse_args()
     args.compile = [c == "on" for c in args.compile]
+    args.bf16 = [p == "bf16-mixed" for p in args.precisions]
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = cpu_flags()
-    rows = []
-    for model, batch, bf16, cl, compiled in configurations(args, device):
-        warmup = 3 if not compiled else 5
-        ips = measure(model, batch, bf16, cl, compiled, device, args.seconds, warmup)
-        row = {
-            "model": model,
-            "batch": batch,
-            "precision": "bf16-mixed" if bf16 else "32-true",
-            "channels_last": cl,
-            "compile": compiled,
-            "img_s": round(ips, 1),
-            "load_average": os.getloadavg()[0],
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows: dict[tuple, dict] = {}
+    for n in range(args.rounds):  # interleaved: the whole grid once per round
+        for model, batch, bf16, cl, compiled in configurations(args, device):
+            warmup = 3 if not compiled else 5
+            ips = measure(model, batch, bf16, cl, compiled, device, args.seconds, warmup)
+            row = rows.setdefault(
+                (model, batch, bf16, cl, compiled),
+                {
+                    "model": model,
+                    "batch": batch,
+                    "precision": "bf16-mixed" if bf16 else "32-true",
+                    "channels_last": cl,
+                    "compile": compiled,
+                    "rounds_img_s": [],
+                    "load_average": [],
+                },
+            )
+            row["rounds_img_s"].append(round(ips, 1))
+            row["load_average"].append(os.getloadavg()[0])
+            print(f"round {n + 1}: {json.dumps(row)}", flush=True)
+    for (model, batch, *_), row in rows.items():
+        row["img_s"] = statistics.median(row["rounds_img_s"])
+        base = rows.get((model, batch, False, False, False))
+        if base:
+            row["x_fp32_contiguous_eager"] = round(
+                statistics.median(r / b for r, b in zip(row["rounds_img_s"], base["rounds_img_s"])), 3
+            )
+    rows = list(rows.values())
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "cpu_bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS if f in flags),
+        "rounds": args.rounds,
+        "torch": torch.__version__,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    for row in rows:
+        what = f"{row['model']} batch {row['batch']} {row['precision']}"
+        what += f" channels_last={row['channels_last']} compile={row['compile']}"
+        print(f"{what}: {row['img_s']:,.0f} img/s, x{row.get('x_fp32_contiguous_eager', float('nan')):.2f}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

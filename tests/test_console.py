@@ -42,6 +42,7 @@ def test_lightning_banner_at_most_once_and_no_log_prefixes(console_run):
     assert out.count("GPU available") == 1 and out.count("TPU available") == 1
     assert "💡 Tip" not in out and "Restoring states from the checkpoint" not in out
     assert "[lightning.pytorch" not in out and "][INFO]" not in out
+    assert "srun" not in out  # Lightning's hint to prepend srun (srun is installed here): transferlab submits itself
 
 
 def test_a_finished_stage_is_one_line_on_rerun(console_run):

@@ -19,7 +19,8 @@ for message in (
     ".*IterableDataset.*has `__len__` defined",
     ".*is smaller than the logging interval",
     ".*LeafSpec.*is deprecated",
-):  # expected with our batch loader / epoch-level logging
+    ".*The `srun` command is available on your system but is not used",
+):  # expected with our batch loader / epoch-level logging / transferlab's own SLURM path (hydra/launcher=slurm)
     warnings.filterwarnings("ignore", message=message)
 
 
