@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import pty
+import shutil
 import statistics
 import subprocess
 import sys
@@ -261,7 +262,8 @@ def main() -> None:
     load_before = os.getloadavg()
     runs: dict[str, list] = {"cli": [], "cli_no_bar": [], "plain": []}
     tmp = REPO / "outputs" / "bench" / "overhead_tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # the script's scratch folder: run folders of an earlier invocation go
+    tmp.mkdir(parents=True)
     variants = {
         "cli": lambda n: run_cli(args, cifar, tmp, 2 * n, bar=True),
         "cli_no_bar": lambda n: run_cli(args, cifar, tmp, 2 * n + 1, bar=False),

@@ -1,13 +1,16 @@
-"""EvalMetrics (the logits of an epoch, metrics computed once) gives the values of the per-step torchmetrics
-updates it replaced."""
+"""EvalMetrics (the logits of an epoch, metrics computed once) and TrainMetrics (per-step sums, logged once per
+epoch) give the values of the per-step torchmetrics updates and `self.log` calls they replaced."""
 
+import lightning as L
 import pytest
 import torch
+from test_methods import fit
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from transferlab.metrics import EvalMetrics
+from transferlab.module import ClassifierModule
 
 
 def per_step_metrics(num_classes: int) -> MetricCollection:
@@ -41,3 +44,38 @@ def test_epoch_metrics_equal_the_per_step_metrics(num_classes, dtype):
     assert torch.allclose(got["loss"], weighted, rtol=1e-6)
     new.reset()
     assert new.logits == [] and new.target == []
+
+
+class PerStepLogged(ClassifierModule):
+    """ClassifierModule's training step before TrainMetrics: a MulticlassAccuracy forward and two `self.log` calls
+    per step, reduced by Lightning at the epoch's end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_acc = MulticlassAccuracy(self.hparams.num_classes, average="micro", validate_args=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.head(self.backbone(x))
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+
+def test_train_metrics_equal_lightnings_per_step_logging():
+    """Same seed, same batches (40 images in batches of 16: a last batch of 8, so the mean must be weighted)."""
+    seen = {}
+    for cls in (PerStepLogged, ClassifierModule):
+        L.seed_everything(0)
+        module = cls(model={"name": "convnet"}, num_classes=4, optimizer={"name": "sgd", "lr": 0.05})
+        fit(module, epochs=3, n=40)
+        seen[cls.__name__] = {k: v for k, v in module.trainer.callback_metrics.items() if k.startswith("train/")}
+    old, new = seen["PerStepLogged"], seen["ClassifierModule"]
+    assert set(old) == set(new) == {"train/loss", "train/acc"}
+    for key in old:
+        assert float(new[key]) == pytest.approx(float(old[key]), rel=1e-6, abs=1e-7), key

@@ -3,12 +3,11 @@
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from transferlab import regularizers
 from transferlab.finetuning import BlockFreezing, model_blocks, resolve_trainable
 from transferlab.methods import DEFAULTS
-from transferlab.metrics import EvalMetrics
+from transferlab.metrics import EvalMetrics, TrainMetrics
 from transferlab.models import build_backbone
 from transferlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
 
@@ -52,7 +51,7 @@ class ClassifierModule(L.LightningModule):
         self.l2sp = {**DEFAULTS["l2sp"], **(l2sp or {})}
         self.bss = {**DEFAULTS["bss"], **(bss or {})}
         self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.train_metrics = TrainMetrics()  # loss and acc: summed per step, logged once per epoch
         self.val_metrics = EvalMetrics(num_classes)  # loss, acc, top-5, F1, AUROC: computed once per epoch
         self.test_metrics = EvalMetrics(num_classes)
 
@@ -97,10 +96,14 @@ class ClassifierModule(L.LightningModule):
             term = self.bss["weight"] * regularizers.bss(features, self.bss["k"])
             self.log("train/bss", term, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + term
-        self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_metrics.update(loss, logits, y)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        values = self.train_metrics.compute()
+        self.log("train/loss", values["loss"], prog_bar=True)
+        self.log("train/acc", values["acc"])
+        self.train_metrics.reset()
 
     def _eval_step(self, batch, metrics: EvalMetrics) -> None:
         x, y = batch
