@@ -42,7 +42,16 @@ def start_and_wait(run_dir: Path, step: int = 20, extra: list[str] = ()) -> subp
         f"+callbacks.wait.marker={marker}",
     ]
     proc = subprocess.Popen(  # its own process group, as a shell job: Ctrl-C (SIGINT to the group) can be sent
-        args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # as from an interactive shell: pytest started in the background by a script inherits SIGINT ignored
+        # (POSIX), and a run started with SIGINT ignored rightly keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not marker.exists():

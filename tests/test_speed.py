@@ -115,8 +115,7 @@ def test_compile_compiles_the_backbone_and_changes_results_only_within_rounding(
 
 
 def test_eval_batch_auto_is_chosen_for_the_device():
-    dm = BuiltinDataModule(task="target", train_per_class=60, val_fraction=0.5, batch_size=16)
-    assert dm.eval_batch_size == "auto"
+    dm = BuiltinDataModule(task="target", train_per_class=60, val_fraction=0.5, batch_size=16, eval_batch_size="auto")
     assert [len(y) for _, y in dm.val_dataloader()] == [128, 128, 44]  # a CPU outside a Trainer: 128
     assert auto_eval_batch("cuda", 64) == 256
     for given, sizes in ((None, [16] * 18 + [12]), (100, [100, 100, 100])):

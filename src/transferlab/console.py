@@ -1,10 +1,11 @@
 """What a run prints: one header line per stage, a progress bar named after its stage, Lightning's banner lines
-once per run, plain message lines, from rank 0 only under DDP. `verbose=true` (or `hydra.verbose=true`) shows
-everything, in Hydra's format.
+once per run, plain message lines, from rank 0 only under DDP (but in each SLURM task's own log).
+`verbose=true` (or `hydra.verbose=true`) shows everything, in Hydra's format.
 
 The log file of a run (`<run>/<job>.log`) always keeps every line: only the console is filtered."""
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -33,15 +34,17 @@ HIDDEN = (
 
 class _Banner(logging.Filter):
     """Drops Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines;
-    under DDP, the info lines of every rank but 0 (each rank is a process with its own console: rank 0 speaks for
-    all; warnings and errors of every rank still show)."""
+    under DDP on one console, the info lines of every rank but 0 (rank 0 speaks for all; warnings and errors of
+    every rank still show). Under submitit (hydra/launcher=slurm) each task writes a log file of its own, which
+    keeps its lines."""
 
     def __init__(self):
         super().__init__()
         self.seen: set[str] = set()
+        self.own_log = "SUBMITIT_FOLDER" in os.environ
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.INFO and rank_zero_only.rank != 0:
+        if record.levelno <= logging.INFO and rank_zero_only.rank != 0 and not self.own_log:
             return False
         if not record.name.startswith("lightning"):
             return True

@@ -47,7 +47,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        eval_batch_size: int | str | None = "auto",
+        eval_batch_size: int | str | None = None,  # the presets: "auto" (auto_eval_batch)
         num_workers: int = 0,
         val_fraction: float = 0.1,
         classes: int | Sequence[int | str] | None = None,
