@@ -15,7 +15,7 @@ cosine per epoch). --quick: one seed, one epoch (the per-epoch time). Writes out
 import argparse
 import json
 
-from studylib import BENCH, cifar_root, environment, fmt, has_config, mean_std, save, stamp, transferlab
+from studylib import BENCH, bar_figure, cifar_root, environment, fmt, has_config, mean_std, save, stamp, transferlab
 
 BEST = ["recipe=strong", "data.batch_size=128", "stages.scratch.optimizer.lr=0.02"]
 BEST_TODAY = [
@@ -105,17 +105,8 @@ def main() -> None:
     }
     for name, s in summary.items():
         print(f"{name}: test acc {fmt(s['test_acc'])} %, epoch {fmt(s['epoch_time_s'], 1)} s")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc, wall) = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in ((acc, "test_acc", "test accuracy"), (wall, "stage_wall_time_s", "wall time (s)")):
-        stats = [summary[n][key] for n in summary]
-        ax.bar(list(summary), [s["mean"] or 0 for s in stats], yerr=[s["std"] or 0 for s in stats], capsize=4)
-        ax.set_ylabel(f"{label}, mean ± std")
-    fig.suptitle(f"ConvNet, CIFAR-10 scratch, {epochs} epoch(s), seeds {seeds}", fontsize=9)
+    panels = [("test_acc", "test accuracy"), ("stage_wall_time_s", "wall time (s)")]
+    fig = bar_figure(summary, panels, f"ConvNet, CIFAR-10 scratch, {epochs} epoch(s), seeds {seeds}")
     save("cifar10_best_quick" if args.quick else "cifar10_best", report, fig)
 
 

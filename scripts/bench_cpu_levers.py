@@ -16,7 +16,7 @@ and .png.
 import argparse
 
 from bench_cifar10_best import run_one
-from studylib import cifar_root, environment, fmt, mean_std, save, stamp
+from studylib import bar_figure, cifar_root, environment, fmt, mean_std, save, stamp
 
 LEVERS = {
     "fp32": ["recipe=mission", "channels_last=false", "compile=false"],
@@ -66,17 +66,8 @@ def main() -> None:
     for lever, s in summary.items():
         ratio = fmt(s["speed_vs_fp32_same_seed"], 1.0)
         print(f"{lever}: test acc {fmt(s['test_acc'])} %, {fmt(s['img_s'], 1.0)} img/s, x fp32 {ratio}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc, speed) = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in ((acc, "test_acc", "test accuracy"), (speed, "img_s", "images/s (stage)")):
-        stats = [summary[lever][key] for lever in summary]
-        ax.bar(list(summary), [s["mean"] or 0 for s in stats], yerr=[s["std"] or 0 for s in stats], capsize=4)
-        ax.set_ylabel(f"{label}, mean ± std")
-    fig.suptitle(f"ConvNet, CIFAR-10 scratch, {args.epochs} epochs, seeds {args.seeds}", fontsize=9)
+    panels = [("test_acc", "test accuracy"), ("img_s", "images/s (stage)")]
+    fig = bar_figure(summary, panels, f"ConvNet, CIFAR-10 scratch, {args.epochs} epochs, seeds {args.seeds}")
     save("cpu_levers", report, fig)
 
 

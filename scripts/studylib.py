@@ -79,6 +79,23 @@ def fmt(stat: dict, scale: float = 100.0) -> str:
     return f"{stat['mean'] * scale:.2f}{spread} (n={stat['n']}{missing})"
 
 
+def bar_figure(summary: dict, panels: list[tuple[str, str]], title: str):
+    """One bar chart per (key, label) in `panels`: a bar per row of `summary` ({name: {key: mean_std(...)}}),
+    error bars one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for ax, (key, label) in zip(axes, panels):
+        stats = [summary[name][key] for name in summary]
+        ax.bar(list(summary), [s["mean"] or 0 for s in stats], yerr=[s["std"] or 0 for s in stats], capsize=4)
+        ax.set_ylabel(f"{label}, mean ± std")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
 def save(name: str, report: dict, figure=None) -> Path:
     """outputs/bench/<name>.json (and <name>.png when a matplotlib figure is given)."""
     BENCH.mkdir(parents=True, exist_ok=True)

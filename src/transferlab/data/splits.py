@@ -38,14 +38,12 @@ def check_settings(
             )
 
     integer("batch_size", batch_size, 1)
-    if eval_batch_size != "auto" and eval_batch_size is not None:
-        try:
-            integer("eval_batch_size", eval_batch_size, 1)
-        except UserError:
-            raise UserError(
-                f"{key}.eval_batch_size must be a whole number >= 1, auto (chosen for the device) or null (the "
-                f"training batch size), got {eval_batch_size!r}."
-            ) from None
+    whole = isinstance(eval_batch_size, Integral) and not isinstance(eval_batch_size, bool) and eval_batch_size >= 1
+    if not (whole or eval_batch_size in ("auto", None)):
+        raise UserError(
+            f"{key}.eval_batch_size must be a whole number >= 1, auto (chosen for the device) or null (the "
+            f"training batch size), got {eval_batch_size!r}."
+        )
     integer("num_workers", num_workers, 0)
     integer("samples_per_class", samples_per_class, 1, allow_none=True)
     fraction("val_fraction", val_fraction, low_open=False)
