@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from studylib import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
@@ -66,8 +68,7 @@ def main() -> None:
         "run_dir": str(run_dir),
     }
     out = REPO / "outputs" / "bench" / f"cifar10_scratch{suffix}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_json(out, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Every measurement uses the same number of torch threads (`--threads`, default 1)
 """
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -27,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from studylib import write_json
 
 from transferlab.data import CIFAR10DataModule, ClassificationDataModule
 from transferlab.data.decoded_cache import cached_arrays
@@ -171,8 +171,7 @@ def main() -> None:
     report["memory_over_convnet"] = min(ips["memory_cifar10"], ips["memory_imagenet32"]) / ips["convnet_train_batch64"]
     report["memory_fast_enough"] = report["memory_over_convnet"] >= 5
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report, echo=False)
     print(f"memory path / ConvNet training: {report['memory_over_convnet']:.1f}x (needs >= 5x); report: {out}")
 
 

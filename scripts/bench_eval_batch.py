@@ -12,13 +12,13 @@ Writes outputs/bench/eval_batch.json.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from studylib import write_json
 from torch.nn import functional as F
 
 from transferlab.models import build_backbone
@@ -77,9 +77,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     out = REPO / "outputs" / "bench" / "eval_batch.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_json(out, report)
     print(f"wrote {out}")
 
 

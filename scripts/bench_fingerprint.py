@@ -12,7 +12,6 @@ outputs/bench/fingerprint.json.
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from studylib import write_json
 
 from transferlab.data import CIFAR10DataModule
 from transferlab.data.fingerprint import RACY_S, files_digest
@@ -103,8 +103,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     report["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report, echo=False)
     print(f"report: {out}")
 
 

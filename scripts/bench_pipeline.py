@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from studylib import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,8 +44,7 @@ def main() -> None:
         "run_dir": str(run_dir),
     }
     out = REPO / "outputs" / "bench" / "pipeline.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_json(out, report)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from studylib import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -116,8 +117,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance.collect() | {"numpy": np.__version__},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, echo=False)
     print(json.dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))
     print(f"written: {args.out}")
 

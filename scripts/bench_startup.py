@@ -12,7 +12,6 @@ and is not counted. With `-X importtime` it also lists what the big libraries co
 """
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from studylib import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHED = (
@@ -123,9 +123,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "cpus": os.cpu_count(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

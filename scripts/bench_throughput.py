@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from studylib import write_json
 from torch import nn
 from torch.nn import functional as F
 
@@ -148,8 +149,7 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, echo=False)
     for row in rows:
         what = f"{row['model']} batch {row['batch']} {row['precision']}"
         what += f" channels_last={row['channels_last']} compile={row['compile']}"

@@ -96,11 +96,19 @@ def bar_figure(summary: dict, panels: list[tuple[str, str]], title: str):
     return fig
 
 
+def write_json(out: str | Path, report: dict, echo: bool = True) -> Path:
+    """`report` as indented JSON at `out` (its folder made), and on the console when `echo`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    if echo:
+        print(json.dumps(report, indent=2, default=str))
+    return out
+
+
 def save(name: str, report: dict, figure=None) -> Path:
     """outputs/bench/<name>.json (and <name>.png when a matplotlib figure is given)."""
-    BENCH.mkdir(parents=True, exist_ok=True)
-    out = BENCH / f"{name}.json"
-    out.write_text(json.dumps(report, indent=2, default=str))
+    out = write_json(BENCH / f"{name}.json", report, echo=False)
     if figure is not None:
         figure.tight_layout()
         figure.savefig(BENCH / f"{name}.png", dpi=110)
