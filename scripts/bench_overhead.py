@@ -8,8 +8,8 @@ validate on the 5,000-image val split after every epoch (and save a checkpoint),
   `+callbacks.bench_timer` records train, validation and test time inside the process, and the work's time from
   the start of fit to the end of the test's teardown (start-up is scripts/bench_startup.py's business).
 - `plain`: the same model, batches, augmentation, evaluation and checkpoint saves as a hand-written loop, each
-  round in a new process as the CLI's runs are (run in this script's own process it gained ~7 % from kernels and
-  allocations warmed by earlier rounds).
+  round in a new process as the CLI's runs are (in this script's own process it started warm from earlier rounds:
+  2,635 training img/s there against 2,543 in a new process, in two runs 10 minutes apart).
 
 Rounds are interleaved (cli, cli_no_bar, plain, then plain, cli_no_bar, cli, ...) so that a machine shared with
 other jobs slows all three alike; `ratio` is of the medians, `per_round` each round's ratio (mean ± std over
