@@ -4,8 +4,11 @@ Runs the real console script on a one-stage built-in config with a probe callbac
 `+callbacks.startup_probe`) that records the wall time when the first training batch starts and then ends the
 process. It reports wall time and the process's CPU time (user + sys), which a machine loaded by other jobs
 barely changes. The first round warms the caches (Python bytecode, matplotlib's font cache, the page cache)
-and is not counted. With `-X importtime` it also lists what the big libraries cost to import on the way
-(lightning, torch, torchvision, matplotlib, scipy, tensorboard, optuna, submitit, ...).
+and is not counted; PYTHONDONTWRITEBYTECODE, where the environment sets it, is dropped for the measured process, so
+transferlab's own bytecode is cached as on a user's machine. Each round also times the upstream floor, a bare
+`python -c "import lightning, hydra.utils"` (interleaved): what no change of transferlab can remove. With
+`-X importtime` it also lists what the big libraries cost to import on the way (lightning, torch, torchvision,
+matplotlib, scipy, tensorboard, optuna, submitit, ...).
 
     python scripts/bench_startup.py              # 5 rounds  -> outputs/bench/startup.json
     python scripts/bench_startup.py --rounds 2
@@ -71,14 +74,24 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def child_env(**extra) -> dict:
+    """This environment, with bytecode caching on (as Python's default) and this checkout's code first."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    paths = [str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def floor_round() -> float:
+    """Wall seconds of a bare `import lightning, hydra.utils` in a new process: the upstream floor of start-up."""
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import lightning, hydra.utils"], env=child_env(), check=True, timeout=600)
+    return time.time() - start
+
+
 def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, float, str]:
     """(wall seconds to the first step, CPU seconds the process used, its stderr)"""
     probe = tmp / f"probe{n}"
-    env = dict(
-        os.environ,
-        STARTUP_PROBE=str(probe),
-        PYTHONPATH=os.pathsep.join([str(REPO / "scripts"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    )
+    env = child_env(STARTUP_PROBE=str(probe))
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
     script = Path(sys.executable).parent / "transferlab"
@@ -108,7 +121,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one_round(Path(tmp), 0)  # warm-up: bytecode, font cache, page cache
-        rounds = [one_round(Path(tmp), i) for i in range(1, args.rounds + 1)]
+        rounds, floors = [], []
+        for i in range(1, args.rounds + 1):  # alternating which goes first
+            if i % 2:
+                rounds.append(one_round(Path(tmp), i))
+                floors.append(floor_round())
+            else:
+                floors.append(floor_round())
+                rounds.append(one_round(Path(tmp), i))
         _, _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
     times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
     result = {
@@ -117,6 +137,11 @@ def main() -> None:
             "min": round(min(times), 2),
             "rounds": [round(t, 2) for t in times],
         },
+        "upstream_floor_s": {  # `import lightning, hydra.utils` alone, same rounds
+            "median": round(statistics.median(floors), 2),
+            "rounds": [round(t, 2) for t in floors],
+        },
+        "transferlab_s": round(statistics.median(t - f for t, f in zip(times, floors)), 2),  # per round, above it
         # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
         "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
         "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},

@@ -1,20 +1,39 @@
 """The console scripts as a user runs them: results table, eval agreeing with the pipeline, clear errors."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY, run_cli
 
 
+def run_timed(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`run_cli`, and the seconds from the script's last line of output to the end of its process."""
+    script = Path(sys.executable).parent / args[0]
+    proc = subprocess.Popen([str(script), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, last_line = [], time.monotonic()
+    for line in proc.stdout:
+        stdout.append(line)
+        last_line = time.monotonic()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=900)
+    after = time.monotonic() - last_line
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{''.join(stdout)[-3000:]}\n{stderr[-5000:]}"
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(stdout), stderr), after
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    proc = run_cli("transferlab", *TINY, f"hydra.run.dir={run_dir}")
-    return run_dir, proc
+    proc, ended_after = run_timed("transferlab", *TINY, f"hydra.run.dir={run_dir}")
+    return run_dir, proc, ended_after
 
 
 def test_cli_prints_the_results_table_and_writes_the_run_folder(cli_run):
-    run_dir, proc = cli_run
+    run_dir, proc, _ = cli_run
     assert "| stage | task | init | test acc |" in proc.stdout and "Transfer gain" in proc.stdout
     for name in ("config.yaml", "overrides.yaml"):
         assert (run_dir / ".hydra" / name).is_file()
@@ -24,8 +43,38 @@ def test_cli_prints_the_results_table_and_writes_the_run_folder(cli_run):
     assert (run_dir / "finetune" / "csv" / "version_0" / "metrics.csv").is_file()
 
 
+def test_the_process_ends_right_after_its_last_line(cli_run):
+    """Python's module teardown took 1.25 s after the results table (torch and Lightning loaded): the console
+    scripts now end once the atexit handlers have run (transferlab.entry)."""
+    run_dir, proc, ended_after = cli_run
+    assert "Transfer gain" in proc.stdout.rstrip().splitlines()[-1]
+    assert ended_after < 0.6, f"the process ended {ended_after:.2f} s after its last line"
+    assert "Loaded model weights" in (run_dir / "cli.log").read_text()  # the log file was flushed and closed
+
+
+def test_console_scripts_exit_as_sys_exit_would(tmp_path):
+    """transferlab.entry.run: the exit status of sys.exit (a message is printed, status 1), atexit handlers run,
+    threads that are not daemons finish, buffered output is written."""
+    program = f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from transferlab.entry import run
+atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), Path({str(tmp_path / "thread")!r}).write_text("done"))).start()
+print("buffered, no newline", end="")
+run(lambda: sys.exit(sys.argv[1] if sys.argv[1] != "3" else 3))
+"""
+    for code, status in (("3", 3), ("the reason", 1)):
+        proc = subprocess.run([sys.executable, "-c", program, code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == status and proc.stdout == "buffered, no newline"
+        assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+        assert ("the reason" in proc.stderr) == (status == 1)
+        (tmp_path / "atexit").unlink()
+        (tmp_path / "thread").unlink()
+
+
 def test_eval_agrees_with_the_pipelines_test_metrics(cli_run):
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     for stage, task in (("finetune", "target"), ("source", "source")):
         proc = run_cli(
@@ -43,7 +92,7 @@ def test_eval_agrees_with_the_pipelines_test_metrics(cli_run):
 
 
 def test_eval_refuses_a_checkpoint_for_other_classes(cli_run):
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     proc = run_cli(
         "transferlab-eval",
         f"ckpt={run_dir}/source/checkpoints/best.ckpt",
@@ -56,7 +105,7 @@ def test_eval_refuses_a_checkpoint_for_other_classes(cli_run):
 
 
 def test_rerun_of_a_finished_run_skips_every_stage(cli_run):
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     before = (run_dir / "manifest.json").read_text()
     proc = run_cli("transferlab", *TINY, f"hydra.run.dir={run_dir}")
     assert proc.stdout.count("done in an earlier run, skipped") == 4

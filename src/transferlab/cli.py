@@ -153,4 +153,6 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from transferlab.entry import run
+
+    run(main)

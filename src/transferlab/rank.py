@@ -231,4 +231,6 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from transferlab.entry import run
+
+    run(main)

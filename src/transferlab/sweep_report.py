@@ -301,4 +301,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from transferlab.entry import run
+
+    run(main)
