@@ -22,20 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     run_dir = REPO / "outputs" / "bench" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [
-        str(Path(sys.executable).parent / "transferlab"),
+    command = [  # this checkout's code, started as the console script starts it
+        sys.executable,
+        "-m",
+        "transferlab.cli",
         f"hydra.run.dir={run_dir}",
         "cache=false",
         "trainer.enable_progress_bar=false",
         *sys.argv[1:],
     ]
     start = time.time()
-    subprocess.run(command, check=True, cwd=REPO)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(command, check=True, cwd=REPO, env=env)
     wall = time.time() - start
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     results = json.loads((run_dir / "results.json").read_text())
     report = {
-        "command": " ".join(command[1:]),
+        "command": " ".join(["transferlab", *command[3:]]),
         "wall_time_s": round(wall, 1),
         "stage_wall_time_s": {name: s["wall_time_s"] for name, s in manifest.items()},
         "test_acc": {name: round(s["test"]["acc"], 4) for name, s in manifest.items()},
