@@ -10,36 +10,26 @@ Writes outputs/bench/pipeline.json and prints it.
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from studylib import write_json
+from studylib import transferlab, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     run_dir = REPO / "outputs" / "bench" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [  # this checkout's code, started as the console script starts it
-        sys.executable,
-        "-m",
-        "transferlab.cli",
-        f"hydra.run.dir={run_dir}",
-        "cache=false",
-        "trainer.enable_progress_bar=false",
-        *sys.argv[1:],
-    ]
-    start = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(command, check=True, cwd=REPO, env=env)
-    wall = time.time() - start
+    args = [f"hydra.run.dir={run_dir}", "cache=false", "trainer.enable_progress_bar=false", *sys.argv[1:]]
+    code, wall = transferlab(*args)  # this checkout's code, in a new process
+    if code != 0:
+        raise SystemExit(f"transferlab exited {code}")
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     results = json.loads((run_dir / "results.json").read_text())
     report = {
-        "command": " ".join(["transferlab", *command[3:]]),
-        "wall_time_s": round(wall, 1),
+        "command": " ".join(["transferlab", *args]),
+        "wall_time_s": wall,
         "stage_wall_time_s": {name: s["wall_time_s"] for name, s in manifest.items()},
         "test_acc": {name: round(s["test"]["acc"], 4) for name, s in manifest.items()},
         "transfer_gain_points": round(results["gain/acc"] * 100, 2),

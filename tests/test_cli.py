@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,14 +15,19 @@ from conftest import TINY, run_cli
 def run_timed(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     """`run_cli`, and the seconds from the script's last line of output to the end of its process."""
     script = Path(sys.executable).parent / args[0]
-    proc = subprocess.Popen([str(script), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, last_line = [], time.monotonic()
-    for line in proc.stdout:
-        stdout.append(line)
-        last_line = time.monotonic()
-    stderr = proc.stderr.read()
-    proc.wait(timeout=900)
-    after = time.monotonic() - last_line
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full stderr pipe would block the script
+        proc = subprocess.Popen([str(script), *args[1:]], stdout=subprocess.PIPE, stderr=err, text=True)
+        watchdog = threading.Timer(900, proc.kill)  # run_cli's timeout
+        watchdog.start()
+        stdout, last_line = [], time.monotonic()
+        for line in proc.stdout:
+            stdout.append(line)
+            last_line = time.monotonic()
+        proc.wait()
+        after = time.monotonic() - last_line
+        watchdog.cancel()
+        err.seek(0)
+        stderr = err.read()
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{''.join(stdout)[-3000:]}\n{stderr[-5000:]}"
     return subprocess.CompletedProcess(args, proc.returncode, "".join(stdout), stderr), after
 
