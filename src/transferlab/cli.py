@@ -125,10 +125,11 @@ def _main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
-    from transferlab.validation import check_stage_overrides
+    from transferlab.validation import check_optuna_installed, check_stage_overrides
 
-    try:
-        check_stage_overrides(sys.argv[1:])  # before Hydra, whose message would not name the valid keys
+    try:  # before Hydra, whose messages would not name the valid keys or the missing extra
+        check_stage_overrides(sys.argv[1:])
+        check_optuna_installed(sys.argv[1:])
     except UserError as err:
         print(f"\ntransferlab: error: {err}", file=sys.stderr)
         sys.exit(2)

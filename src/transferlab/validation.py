@@ -7,6 +7,7 @@ of epochs. What needs the data itself (empty splits, labels out of range) is che
 `pipeline.Datasets` builds them, still before the first training step.
 """
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -126,6 +127,25 @@ def check_stage_overrides(overrides: list[str]) -> None:
         parts = override.split("=", 1)[0].split(".")
         if len(parts) >= 3 and parts[0] == "stages" and parts[2] not in valid and parts[2] not in RENAMED:
             raise UserError(f"stages.{parts[1]}: unknown key {parts[2]}; valid: {', '.join(valid)}.")
+
+
+def check_optuna_installed(overrides: list[str]) -> None:
+    """`hparams_search=optuna` (or `hydra/sweeper=optuna`) needs the Optuna sweeper plugin, an extra since it brings
+    scipy: without it Hydra would only say that it cannot find hydra/sweeper/optuna."""
+    wanted = any(
+        o.lstrip("+~").split("=", 1)[0] in ("hparams_search", "hydra/sweeper") and "optuna" in o.split("=", 1)[1]
+        for o in overrides
+        if "=" in o
+    )
+    try:
+        installed = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ImportError:
+        installed = False
+    if wanted and not installed:
+        raise UserError(
+            "an Optuna search needs the hydra-optuna-sweeper plugin, which is not installed: "
+            "pip install 'transferlab[optuna]' (from a checkout: pip install -e '.[optuna]')."
+        )
 
 
 def check_stage(cfg: DictConfig, name: str, stage) -> None:
