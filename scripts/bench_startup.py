@@ -10,8 +10,13 @@ transferlab's own bytecode is cached as on a user's machine. Each round also tim
 `-X importtime` it also lists what the big libraries cost to import on the way (lightning, torch, torchvision,
 matplotlib, scipy, tensorboard, optuna, submitit, ...).
 
+Given several environments (`--python`, one interpreter each), it times them all in the same rounds, interleaved,
+and reports each one's figures and the per-round differences from the first: e.g. an install with the optuna extra
+(which brings scipy) against one without.
+
     python scripts/bench_startup.py              # 5 rounds  -> outputs/bench/startup.json
     python scripts/bench_startup.py --rounds 2
+    python scripts/bench_startup.py --python .venv/bin/python /tmp/core/bin/python   # two installs, interleaved
 """
 
 import argparse
@@ -81,31 +86,37 @@ def child_env(**extra) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(paths), **extra}
 
 
-def floor_round() -> float:
+def floor_round(python: str) -> float:
     """Wall seconds from starting a new Python process to the end of its `import lightning, hydra.utils` (not its
     exit, which tears the modules down): the upstream floor of start-up."""
     program = "import lightning, hydra.utils, time; print(repr(time.time()))"
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-c", program], env=child_env(), capture_output=True, text=True, check=True, timeout=600
+        [python, "-c", program], env=child_env(), capture_output=True, text=True, check=True, timeout=600
     )
     return float(proc.stdout.split()[-1]) - start
 
 
-def one_round(tmp: Path, n: int, importtime: bool = False) -> tuple[float, float, str]:
-    """(wall seconds to the first step, CPU seconds the process used, its stderr)"""
-    probe = tmp / f"probe{n}"
+def one_round(python: str, run_dir: Path, importtime: bool = False) -> tuple[float, float, str]:
+    """(wall seconds to the first step, CPU seconds the process used, its stderr) of the `transferlab` installed
+    beside `python`"""
+    probe = run_dir.with_name(run_dir.name + ".probe")
     env = child_env(STARTUP_PROBE=str(probe))
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
-    script = Path(sys.executable).parent / "transferlab"
+    script = Path(python).parent / "transferlab"
     start, cpu = time.time(), cpu_seconds()
     proc = subprocess.run(
-        [str(script), *ARGS, f"hydra.run.dir={tmp / f'run{n}'}"], env=env, capture_output=True, text=True, timeout=600
+        [str(script), *ARGS, f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=600
     )
     if not probe.is_file():
         raise SystemExit(f"no training step was reached (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return float(probe.read_text()) - start, cpu_seconds() - cpu, proc.stderr
+
+
+def installed(python: str, module: str) -> bool:
+    program = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([python, "-c", program], env=child_env()).returncode == 0
 
 
 def imported(stderr: str) -> dict[str, float]:
@@ -118,24 +129,12 @@ def imported(stderr: str) -> dict[str, float]:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "startup.json"))
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        one_round(Path(tmp), 0)  # warm-up: bytecode, font cache, page cache
-        rounds, floors = [], []
-        for i in range(1, args.rounds + 1):  # alternating which goes first
-            if i % 2:
-                rounds.append(one_round(Path(tmp), i))
-                floors.append(floor_round())
-            else:
-                floors.append(floor_round())
-                rounds.append(one_round(Path(tmp), i))
-        _, _, stderr = one_round(Path(tmp), args.rounds + 1, importtime=True)
+def summary(python: str, rounds: list, floors: list[float], stderr: str) -> dict:
     times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
-    result = {
+    return {
+        "python": python,
+        "scipy_installed": installed(python, "scipy"),  # torchmetrics imports scipy.signal at import when it is
+        "optuna_installed": installed(python, "optuna"),
         "to_first_step_s": {
             "median": round(statistics.median(times), 2),
             "min": round(min(times), 2),
@@ -149,9 +148,42 @@ def main() -> None:
         # CPU time (user + sys) barely depends on other jobs: on an idle machine, wall time is about this
         "cpu_s": {"median": round(statistics.median(cpu), 2), "rounds": [round(c, 2) for c in cpu]},
         "imported_s": {k: round(v, 3) for k, v in sorted(imported(stderr).items(), key=lambda kv: -kv[1])},
-        "load_average": os.getloadavg(),
-        "cpus": os.cpu_count(),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--python", nargs="+", default=[sys.executable], help="the interpreters of the installs to time (interleaved)"
+    )
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "startup.json"))
+    args = parser.parse_args()
+    pythons = args.python
+    rounds = {py: [] for py in pythons}
+    floors = {py: [] for py in pythons}
+    stderr = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, py in enumerate(pythons):
+            one_round(py, Path(tmp) / f"warm{k}")  # warm-up: bytecode, font cache, page cache
+        for i in range(1, args.rounds + 1):  # alternating which install, and which of run and floor, goes first
+            for k, py in enumerate(pythons if i % 2 else pythons[::-1]):
+                if i % 2:
+                    rounds[py].append(one_round(py, Path(tmp) / f"run{k}-{i}"))
+                    floors[py].append(floor_round(py))
+                else:
+                    floors[py].append(floor_round(py))
+                    rounds[py].append(one_round(py, Path(tmp) / f"run{k}-{i}"))
+        for k, py in enumerate(pythons):
+            stderr[py] = one_round(py, Path(tmp) / f"importtime{k}", importtime=True)[2]
+    result = {"installs": [summary(py, rounds[py], floors[py], stderr[py]) for py in pythons]}
+    for py in pythons[1:]:  # paired by round: what the machine's drift does to both cancels
+        first = pythons[0]
+        result.setdefault("difference_from_first_s", {})[py] = {
+            "to_first_step": round(statistics.median(b[0] - a[0] for a, b in zip(rounds[first], rounds[py])), 2),
+            "upstream_floor": round(statistics.median(b - a for a, b in zip(floors[first], floors[py])), 2),
+        }
+    result.update(load_average=os.getloadavg(), cpus=os.cpu_count())
     write_json(args.out, result)
 
 
