@@ -137,11 +137,13 @@ def check_optuna_installed(overrides: list[str]) -> None:
         for o in overrides
         if "=" in o
     )
+    if not wanted:
+        return
     try:
         installed = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ImportError:
+    except ImportError:  # not even the hydra_plugins namespace
         installed = False
-    if wanted and not installed:
+    if not installed:
         raise UserError(
             "an Optuna search needs the hydra-optuna-sweeper plugin, which is not installed: "
             "pip install 'transferlab[optuna]' (from a checkout: pip install -e '.[optuna]')."
