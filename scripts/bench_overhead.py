@@ -211,10 +211,8 @@ def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
     reader = threading.Thread(target=lambda: _drain(master, drained), daemon=True)
     reader.start()
     start = time.time()
-    script = Path(sys.executable).parent / "transferlab"
-    proc = subprocess.run(
-        [str(script), *overrides], env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, timeout=7200
-    )
+    command = [sys.executable, "-m", "transferlab.cli", *overrides]  # the console script's code, installed or not
+    proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, timeout=7200)
     wall = time.time() - start
     os.close(slave)
     reader.join(timeout=5)
