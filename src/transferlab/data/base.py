@@ -19,6 +19,7 @@ from transferlab.data.inputs import INPUTS, Rows
 from transferlab.data.splits import (
     check_classes_present,
     check_not_empty,
+    check_samples_per_class,
     check_settings,
     resolve_classes,
     stratified_split,
@@ -161,6 +162,8 @@ class ClassificationDataModule(L.LightningDataModule):
         else:
             test_idx = torch.nonzero(labels["test"] >= 0).flatten()
         val_fraction = 0.0 if "val" in data else self.val_fraction
+        if self.samples_per_class is not None:
+            check_samples_per_class(self.key, pool, val_fraction, self.samples_per_class, ids, names)
         train_idx, val_idx = stratified_split(
             pool, val_fraction, self.samples_per_class, self.label_fraction, self.seed
         )

@@ -4,7 +4,6 @@ layout (files, shapes, label range, each file named when it is wrong), not of to
 torchvision is used only to download (`download: true`).
 """
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from transferlab.data.base import ClassificationDataModule
-from transferlab.data.files import readable_dir
+from transferlab.data.files import load_pickle, readable_dir
 from transferlab.data.inputs import ArrayData
 from transferlab.errors import UserError
 
@@ -57,7 +56,7 @@ class CIFARDataModule(ClassificationDataModule):
                 f"or {self.key}.download=true to download it there."
             )
         root = Path(self.root).expanduser()
-        return root.parent if root.name == self.folder else root
+        return root.parent if root.name in (self.folder, self.downloader.filename) else root
 
     def data_files(self) -> list[Path]:
         return [
@@ -71,6 +70,12 @@ class CIFARDataModule(ClassificationDataModule):
             if folder.is_dir():
                 readable_dir(folder, f"{self.name} folder")
         missing = [f.name for f in self.data_files() if not f.is_file()]
+        archive = root / self.downloader.filename  # the release's archive, downloaded but not unpacked
+        if missing and archive.is_file():
+            raise UserError(
+                f"{self.name} at {root} is still packed in {archive.name}: unpack it there "
+                f"(tar -xzf {archive} -C {root}), which makes {self.folder}/."
+            )
         if missing:
             raise UserError(
                 f"{self.name} not found at {root}: expected {self.layout}; missing {', '.join(missing)}. "
@@ -95,8 +100,9 @@ class CIFARDataModule(ClassificationDataModule):
 
     def _read(self, path: Path) -> dict:
         try:
-            with open(path, "rb") as f:
-                return pickle.load(f, encoding="latin1")
+            return load_pickle(path, self.name)
+        except UserError:
+            raise
         except PermissionError:
             raise UserError(
                 f"Cannot read {self.name} file {path}: permission denied. Let this user read it (chmod a+r)."

@@ -16,6 +16,7 @@ by deleting the index file.
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -26,10 +27,27 @@ from transferlab.fileio import atomic_write, lock, read_json
 
 RACY_S = 2.0
 VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_index(index_file: Path) -> dict:
+    """The index's entries. A damaged index (cut short by a full disk or a killed job, edited by hand) is only a
+    cache: it is ignored, so every file is hashed again and the index rewritten."""
+    try:
+        index = read_json(index_file) or {}
+        entries = index.get("files", {}) if index.get("version") == VERSION else {}
+        if isinstance(entries, dict) and all(isinstance(e, list) and len(e) == 5 for e in entries.values()):
+            return entries
+    except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
+        pass
+    log.warning(
+        "Fingerprint index %s is damaged: ignored; the data files are hashed again and it is rewritten", index_file
+    )
+    return {}
 
 
 def _sha256(path: Path) -> str:
@@ -53,8 +71,7 @@ def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[l
         name = hashlib.sha256(str(Path(top).resolve()).encode()).hexdigest()[:16]
         index_file = Path(index_dir).expanduser() / f"fingerprint-{name}.json"
     with lock(index_file.with_suffix(".lock")) if index_file else nullcontext():
-        index = (read_json(index_file) if index_file else None) or {}
-        entries = index.get("files", {}) if index.get("version") == VERSION else {}
+        entries = _read_index(index_file) if index_file else {}
         now_ns, changed, hashes, sizes = time.time_ns(), False, [], []
         for path in files:
             st = os.stat(path)

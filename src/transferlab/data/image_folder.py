@@ -7,7 +7,14 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transferlab.data.base import ClassificationDataModule
-from transferlab.data.files import FixedClassFolder, ImageLoader, check_split_classes, class_folders, readable_dir
+from transferlab.data.files import (
+    FixedClassFolder,
+    ImageLoader,
+    check_split_classes,
+    class_folders,
+    readable_dir,
+    shared_files,
+)
 from transferlab.errors import UserError
 
 LAYOUT = "<root>/train/<class>/<image> (one folder per class), optionally <root>/val/<class>/ and <root>/test/<class>/"
@@ -89,10 +96,24 @@ class ImageFolderDataModule(ClassificationDataModule):
                     f"({', '.join(IMG_EXTENSIONS)}); remove the empty folder or leave it out with "
                     f"{self.key}.classes."
                 ) from None
+            if split != "train":
+                self._check_disjoint(split, data)
             ids = {name: self.class_ids[i] for i, name in enumerate(selected)}
             data.targets = [ids[selected[t]] for t in data.targets]  # back to ids among all of train's classes
             self._data[split] = data
         return self._data[split]
+
+    def _check_disjoint(self, split: str, data: FixedClassFolder) -> None:
+        """An image of `split` that is also a training image (val/ a symlink to train/, links instead of moves)
+        would be tested on what was learnt: the accuracy would be too high, without a word."""
+        train = [p for p, _ in self.load_split("train").samples]
+        shared = shared_files(train, [p for p, _ in data.samples])
+        if shared:
+            raise UserError(
+                f"{len(shared)} images of {self._split_dir(split)} are training images too (e.g. {shared[0][0]} is "
+                f"{shared[0][1]}, through a symlink or hard link): they would be tested on what was learnt. Keep "
+                f"each image in one split, or remove {split}/ to hold out part of train/ instead."
+            )
 
     def data_files(self) -> list[Path]:
         return [

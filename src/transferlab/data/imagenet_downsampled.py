@@ -9,13 +9,13 @@ parallel jobs share one copy in the page cache, and the subsets of each split in
 """
 
 import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.decoded_cache import cached_arrays, source_key
+from transferlab.data.files import load_pickle
 from transferlab.data.inputs import ArrayData
 from transferlab.errors import UserError
 
@@ -51,9 +51,10 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if path.suffix == ".npz":
             with np.load(path) as entry:
                 return np.asarray(entry["data"]), np.asarray(entry["labels"])
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = load_pickle(path, "Downsampled ImageNet")
         return np.asarray(entry["data"]), np.asarray(entry["labels"])
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(
             f"Downsampled ImageNet file {path} is truncated or corrupt ({type(err).__name__}: {err}). "

@@ -113,6 +113,35 @@ def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) 
     return ids
 
 
+def held_out(n: int, fraction: float) -> int:
+    """How many of a class's `n` images a `fraction` holds out (for validation, or for test)."""
+    return int(round(fraction * n))
+
+
+def check_samples_per_class(
+    key: str, labels: torch.Tensor, val_fraction: float, samples_per_class: int, class_ids: list[int], names
+) -> None:
+    """`samples_per_class` is the training images of every class: a class with fewer (after the validation
+    hold-out) would train on what it has, unbalancing the low-data regime asked for. `labels`: renumbered, -1 for
+    images not in the pool. A class with none left is `check_classes_present`'s."""
+    counts = torch.bincount(labels[labels >= 0], minlength=len(class_ids)).tolist()
+    left = {i: n - held_out(n, val_fraction) for i, n in enumerate(counts)}
+    short = {i: n for i, n in left.items() if 0 < n < samples_per_class}
+    if short:
+        listing = ", ".join(f"class {class_label(i, class_ids, names)}: {n}" for i, n in list(short.items())[:10])
+        which = "this class has" if len(short) == 1 else f"these {len(short)} classes have"
+        raise UserError(
+            f"{key}.samples_per_class={samples_per_class} is more training images than {which} once the validation "
+            f"(and any test) images are held out: {listing}{', ...' if len(short) > 10 else ''}. Set "
+            f"{key}.samples_per_class to at most {min(short.values())}, or to null for all of each class's images."
+        )
+
+
+def class_label(i: int, class_ids: list[int], names) -> str:
+    """Renumbered class `i` as messages show it: its original id, and its name where the dataset has names."""
+    return f"{class_ids[i]} ({names[class_ids[i]]})" if names else str(class_ids[i])
+
+
 def stratified_split(
     labels: torch.Tensor, val_fraction: float, samples_per_class: int | None, label_fraction: float | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +155,7 @@ def stratified_split(
         if len(idx) == 0:
             continue
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = int(round(val_fraction * len(idx)))
+        n_val = held_out(len(idx), val_fraction)
         rest = idx[n_val:]
         if samples_per_class is not None:
             rest = rest[:samples_per_class]
@@ -154,7 +183,7 @@ def check_classes_present(
     missing = [i for i in range(len(class_ids)) if counts[i] == 0 and (selected or elsewhere[i] > 0)]
     if not missing:
         return
-    label = lambda i: f"{class_ids[i]} ({names[class_ids[i]]})" if names else str(class_ids[i])
+    label = lambda i: class_label(i, class_ids, names)
     seen = {split: int(sum((labels == i).sum() for i in missing)) for split, labels in others.items()}
     where = ", ".join(f"{n} {split} images" for split, n in seen.items() if n) or "no images at all"
     raise UserError(
