@@ -1,9 +1,11 @@
 """Multi-process DDP (gloo on CPU), multirun sweeps with their report, and an Optuna search: real runs."""
 
+import csv
 import json
 import os
 
 import pytest
+import yaml
 from conftest import REPO, TINY, run_cli
 
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
@@ -150,3 +152,39 @@ def test_bf16_mixed_precision_runs_every_stage_on_cpu(tmp_path):
     assert manifest["config"]["trainer"]["precision"] == "bf16-mixed"
     assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
     assert all(0 <= s["test"]["acc"] <= 1 for s in manifest["stages"].values())
+
+
+def test_a_sweep_that_repeats_a_seed_counts_it_once(tmp_path):
+    """`seed=0,0,1` trains seed 0 twice: the same experiment, one sample (n=2 of 3 jobs), its repeat named."""
+    sweep = tmp_path / "sweep"
+    run_cli("transferlab", "-m", "seed=0,0,1", *ONE_EPOCH, "~stages.scratch", f"hydra.sweep.dir={sweep}")
+    acc = [json.loads((sweep / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
+    run_cli("transferlab-report", str(sweep))
+    with open(sweep / "report_cells.csv") as f:
+        [row] = csv.DictReader(f)
+    assert row["finetune/test/acc n"] == "2"
+    assert float(row["finetune/test/acc mean"]) == pytest.approx(((acc[0] + acc[1]) / 2 + acc[2]) / 2, abs=1e-4)
+    assert (row["jobs"], row["seeds"], row["duplicates"]) == ("3", "0 1", "seed 0: jobs 0 1")
+
+
+@pytest.mark.slow
+def test_a_search_restarted_into_a_finished_search_is_refused_before_any_trial(tmp_path):
+    """Another sampler seed would have every trial refused by the trial folders and the sweeper overwrite
+    optimization_results.yaml with untrained parameters and -inf; the same settings would retrain nothing."""
+    sweep = tmp_path / "search"
+    search = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *ONE_EPOCH, "~stages.scratch"]
+    run_cli("transferlab", *search, f"hydra.sweep.dir={sweep}")
+    results = sweep / "optimization_results.yaml"
+    before, files = results.read_bytes(), snapshot(sweep)
+    best = yaml.safe_load(before)["best_value"]
+    for restart in (["hydra.sweeper.sampler.seed=7"], []):  # other settings, then the same ones
+        proc = run_cli("transferlab", *search, *restart, f"hydra.sweep.dir={sweep}", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"holds a finished Optuna search ({results}: best value {best})" in proc.stderr
+        assert "another folder (hydra.sweep.dir=...)" in proc.stderr and "Launching" not in proc.stdout + proc.stderr
+        assert results.read_bytes() == before and snapshot(sweep) == files
+
+
+def snapshot(folder) -> list[tuple[str, int]]:
+    """Every file under `folder` with its modification time."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))

@@ -66,3 +66,21 @@ def _describe(owner: Path) -> str:
         return "its host and PID are not recorded yet"
     command = " ".join(info.get("command", []))
     return f"host {info.get('host')}, PID {info.get('pid')}, since {info.get('since')}: {command}"
+
+
+def held(run_dir: str | Path) -> bool:
+    """Whether a live run holds `run_dir`'s lock (for `transferlab-report`): tried without waiting, and without
+    creating a lock file where no run ever started. A holder killed even with SIGKILL no longer holds it; a lock
+    file that cannot be opened for writing (a read-only copy of the folder) is taken as not held."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return False
+    probe = lock(path, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    probe.release()
+    return False

@@ -12,14 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | None) -> Path:
-    """`<metric>_vs_<x>.png` in `sweep_dir`; a point whose cell lost jobs is labelled `n/jobs`."""
+    """`<metric>_vs_<x>.png` in `sweep_dir`; a point whose cell lost seeds is labelled `n/seeds`; cells split by
+    config (see `sweep_report.aggregate`) are lines of their own."""
     xs = [c["values"][x] for c in cells]
     numeric = all(_is_number(v) for v in xs)
     order = sorted(set(xs), key=float) if numeric else list(dict.fromkeys(xs))
     position = {v: (float(v) if numeric else i) for i, v in enumerate(order)}
     lines: dict[str, list[dict]] = {}
     for cell in cells:
-        label = ", ".join(f"{v}" if k == line else f"{k}={v}" for k, v in cell["values"].items() if k != x)
+        named = [f"{v}" if k == line else f"{k}={v}" for k, v in cell["values"].items() if k != x]
+        label = ", ".join([*named, *([cell["config"]] if cell["config"] else [])])
         lines.setdefault(label, []).append(cell)
     values = sorted(position.values())
     log_x = numeric and values[0] > 0 and values[-1] / values[0] >= 10
@@ -28,7 +30,9 @@ def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | No
     for i, (label, members) in enumerate(lines.items()):
         dodge = 0.03 * (i - (len(lines) - 1) / 2)  # lines side by side, so their error bars stay apart
         points = sorted(
-            (position[c["values"][x]], c["stats"][metric], c["jobs"]) for c in members if c["stats"][metric]["n"] > 0
+            (position[c["values"][x]], c["stats"][metric], len(c["seeds"]))
+            for c in members
+            if c["stats"][metric]["n"] > 0
         )
         if not points:
             continue
@@ -36,10 +40,10 @@ def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | No
         ys = [s["mean"] for _, s, _ in points]
         err = [0.0 if math.isnan(s["std"]) else s["std"] for _, s, _ in points]
         ax.errorbar(px, ys, yerr=err, marker="o", capsize=3, label=label or metric)
-        for p, (_, s, jobs) in zip(px, points):
-            if s["n"] < jobs:
+        for p, (_, s, seeds) in zip(px, points):
+            if s["n"] < seeds:
                 ax.annotate(
-                    f"n={s['n']}/{jobs}",
+                    f"n={s['n']}/{seeds}",
                     (p, s["mean"]),
                     textcoords="offset points",
                     xytext=(4, 4),

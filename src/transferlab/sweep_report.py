@@ -1,7 +1,7 @@
 """`transferlab-report <sweep folder>`: the jobs of a sweep, one row each, and the same jobs grouped by
-everything but `seed` (mean, sample standard deviation and n per cell and metric, failed jobs counted),
-with a plot of a metric against one swept key, one line per value of another, error bars over the seeds.
-Markdown (report.md), CSV (report.csv, report_cells.csv) and PNG."""
+everything but `seed` (mean, sample standard deviation and n over distinct seeds per cell and metric, failed
+and running jobs counted), with a plot of a metric against one swept key, one line per value of another, error
+bars over the seeds. Markdown (report.md), CSV (report.csv, report_cells.csv) and PNG."""
 
 import argparse
 import csv
@@ -10,6 +10,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,12 @@ from transferlab.errors import UserError
 from transferlab.fileio import atomic_write
 
 OVER = "seed"  # jobs that differ only in this key are repetitions of one cell
+# Config keys that change where and how a run reports, not what it trains: jobs differing only in them (and in
+# the swept keys) are one experiment.
+NOT_THE_EXPERIMENT = {
+    *(OVER, "paths", "verbose", "cache", "logger", "objective", "gain"),
+    *("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps"),
+}
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -57,21 +64,55 @@ def _job_row(job: Path) -> dict:
             "writes them; this folder was not written by a transferlab sweep, move it out of the sweep."
         )
     pairs = (str(o).split("=", 1) for o in overrides or [] if "=" in str(o))
-    metrics = _read_json(job / "results.json") or {}
+    overrides = {k.lstrip("+"): v for k, v in pairs}
+    results = job / "results.json"
+    metrics = _read_json(results) or {}
     manifest = _read_json(job / "manifest.json") or {}
-    failed = [
+    reasons = [
         f"{name}: {s.get('reason', 'failed')}"
         for name, s in manifest.get("stages", {}).items()
         if s.get("status") == "failed"
     ]
+    if results.is_file() and not metrics:
+        reasons.append(
+            "its results.json cannot be read (cut short?): run the sweep's command again into its folder (the same "
+            "hydra.sweep.dir): its finished stages are skipped and results.json is written again"
+        )
     return {
         "job": job.name,
-        "status": "done" if metrics else "failed",
-        "reason": "; ".join(failed),
-        "overrides": {k.lstrip("+"): v for k, v in pairs},
+        "status": _status(job, metrics),
+        "reason": "; ".join(reasons),
+        "overrides": overrides,
+        "seed": overrides.get(OVER, str(config.get(OVER, ""))),
+        "config": _experiment(config),
         "objective": metrics.get(config.get("objective"), math.nan),
         "metrics": metrics,
     }
+
+
+def _status(job: Path, metrics: dict) -> str:
+    """`done` with a results.json (a run's last write); without one, `running` while a live run holds the
+    folder's lock, else `failed` (it failed, or was killed). The lock is tried only then: runlock imports
+    Lightning, which the report of a finished sweep need not load."""
+    if metrics:
+        return "done"
+    from transferlab.runlock import held
+
+    return "running" if held(job) else "failed"
+
+
+def _experiment(config: dict, prefix: str = "") -> dict[str, str]:
+    """The config as flat `key: value` text, without NOT_THE_EXPERIMENT."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if name in NOT_THE_EXPERIMENT:
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(_experiment(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return flat
 
 
 def _read_yaml(job: Path, name: str):
@@ -93,7 +134,7 @@ def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text()) if path.is_file() else None
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return None  # an unfinished job: shown as failed
+        return None  # cut short: the job is shown as failed (or running), with its reason
     return data if isinstance(data, dict) else None
 
 
@@ -108,35 +149,75 @@ def swept_keys(rows: list[dict]) -> list[str]:
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
-    """Group jobs by their values of `keys` (every swept key but `seed`): per metric the mean, sample standard
-    deviation (ddof=1, NaN for n < 2) and n, the number of jobs with a finite value; `jobs` and `failed`
-    count the cell's jobs, so a cell of 3 jobs with one failure says n=2 of 3."""
-    cells: dict[tuple, list[dict]] = {}
+    """Group jobs by their values of `keys` (every swept key but `seed`) and, where jobs with the same values ran
+    different configs (two sweeps merged into one folder, a config file edited in between), by config too: those
+    are different experiments, and the cell's `config` names the keys that tell them apart.
+
+    Per metric the mean, sample standard deviation (ddof=1, NaN for n < 2) and n over the cell's distinct seeds
+    with a finite value: jobs that repeat a seed are one sample, not several, and the seed's value is their mean
+    (with the same config and seed they should be equal); `duplicates` names them. `jobs`, `failed` and
+    `running` count job folders; a running job is not averaged, so a cell of 3 seeds with one failure says
+    n=2 of 3."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        cells.setdefault(tuple(row["overrides"].get(k, "") for k in keys), []).append(row)
+        groups.setdefault(tuple(row["overrides"].get(k, "") for k in keys), []).append(row)
     names = sorted({m for r in rows for m in r["metrics"]})
-    out = []
-    for values, members in cells.items():
-        stats = {}
-        for name in names:
-            xs = [
-                float(v) for r in members if isinstance(v := r["metrics"].get(name), int | float) and math.isfinite(v)
-            ]
-            stats[name] = {
-                "mean": statistics.fmean(xs) if xs else math.nan,
-                "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
-                "n": len(xs),
-            }
-        out.append(
-            {
-                "values": dict(zip(keys, values)),
-                "jobs": len(members),
-                "failed": sum(r["status"] != "done" for r in members),
-                "seeds": [r["overrides"].get(OVER, "") for r in members],
-                "stats": stats,
-            }
-        )
-    return out
+    return [
+        _summary(dict(zip(keys, values)), label, part, names)
+        for values, members in groups.items()
+        for label, part in _by_config(members)
+    ]
+
+
+def _by_config(members: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The jobs split by config, each part labelled with its values of the keys that differ ("" for one config)."""
+    parts: dict[str, list[dict]] = {}
+    for row in members:
+        parts.setdefault(json.dumps(row["config"], sort_keys=True), []).append(row)
+    if len(parts) == 1:
+        return [("", members)]
+    keys = {k for r in members for k in r["config"]}
+    differ = sorted(k for k in keys if len({r["config"].get(k) for r in members}) > 1)
+    more = f"; {len(differ) - 3} more keys differ" if len(differ) > 3 else ""
+    return [
+        ("; ".join(f"{k}={part[0]['config'].get(k, '(unset)')}" for k in differ[:3]) + more, part)
+        for part in parts.values()
+    ]
+
+
+def _summary(values: dict, config: str, members: list[dict], names: list[str]) -> dict:
+    by_seed: dict[str, list[dict]] = {}
+    for row in members:
+        by_seed.setdefault(row["seed"], []).append(row)
+    stats = {}
+    for name in names:
+        xs = [statistics.fmean(v) for same in by_seed.values() if (v := _finite(same, name))]
+        stats[name] = {
+            "mean": statistics.fmean(xs) if xs else math.nan,
+            "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+            "n": len(xs),
+        }
+    return {
+        "values": values,
+        "config": config,
+        "job_names": [r["job"] for r in members],
+        "jobs": len(members),
+        "failed": sum(r["status"] == "failed" for r in members),
+        "running": sum(r["status"] == "running" for r in members),
+        "seeds": list(by_seed),
+        "duplicates": "; ".join(
+            f"seed {seed}: jobs {' '.join(r['job'] for r in same)}" for seed, same in by_seed.items() if len(same) > 1
+        ),
+        "stats": stats,
+    }
+
+
+def _finite(rows: list[dict], name: str) -> list[float]:
+    return [
+        float(v)
+        for r in rows
+        if r["status"] == "done" and isinstance(v := r["metrics"].get(name), int | float) and math.isfinite(v)
+    ]
 
 
 def default_metrics(rows: list[dict]) -> list[str]:
@@ -149,6 +230,7 @@ def write(
     sweep_dir: Path, rows: list[dict], metrics: list[str] | None = None, x: str | None = None, line: str | None = None
 ) -> list[Path]:
     """report.md (cells, then jobs), report.csv (jobs), report_cells.csv (cells) and one PNG per metric."""
+    _check_writable(sweep_dir)
     swept = swept_keys(rows)
     keys = [k for k in swept if k != OVER]
     metrics = metrics or default_metrics(rows)
@@ -165,24 +247,51 @@ def write(
     _write_csv(sweep_dir / "report.csv", job_header, job_table)
     _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
     shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
+    config = ["config"] if any(c["config"] for c in cells) else []  # columns shown only where they say something
+    running = ["running jobs"] if any(c["running"] for c in cells) else []
     text = [
         f"# Sweep {sweep_dir}",
         "",
-        f"## Mean ± standard deviation over `{OVER}` (n = jobs with a value)",
+        f"## Mean ± standard deviation over `{OVER}` (n = distinct seeds with a value)",
         "",
         _markdown(
-            [*keys, "jobs", "failed jobs", *metrics],
-            [[*c["values"].values(), c["jobs"], c["failed"], *(_cell(c, m) for m in metrics)] for c in cells],
+            [*keys, *config, "jobs", "failed jobs", *running, *metrics],
+            [
+                [
+                    *c["values"].values(),
+                    *([c["config"]] if config else []),
+                    c["jobs"],
+                    c["failed"],
+                    *([c["running"]] if running else []),
+                    *(_cell(c, m) for m in metrics),
+                ]
+                for c in cells
+            ],
         ),
         "",
         "## Jobs",
         "",
         _markdown([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table]),
     ]
+    notes = [
+        f"- jobs {' '.join(c['job_names'])} ({_where(c)}): other jobs with the same overrides ran another config, "
+        "so these are a cell of their own"
+        for c in cells
+        if c["config"]
+    ] + [
+        f"- {_where(c)}: jobs that ran the same seed ({c['duplicates']}) count once, as their mean"
+        for c in cells
+        if c["duplicates"]
+    ]
+    if notes:
+        text += ["", "## Notes", "", *notes]
+    busy = [f"- job {r['job']}: a live run holds its folder; not averaged" for r in rows if r["status"] == "running"]
+    if busy:
+        text += ["", "## Running jobs", "", *busy]
     failures = [
-        f"- job {r['job']}: {r['reason'] or 'no results.json (failed, or not finished)'}"
+        f"- job {r['job']}: {r['reason'] or 'no results.json, and no live run holds its folder (failed, or killed)'}"
         for r in rows
-        if r["status"] != "done"
+        if r["status"] == "failed"
     ]
     if failures:
         text += ["", "## Failed jobs", "", *failures]
@@ -198,6 +307,19 @@ def write(
 
         plots = [plot(sweep_dir, cells, m, x, line) for m in metrics]
     return [sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "report_cells.csv", *plots]
+
+
+def _check_writable(sweep_dir: Path) -> None:
+    """A sweep folder the report cannot be written into (a colleague's sweep, a read-only snapshot) is named before
+    anything is written, instead of a traceback from the first write."""
+    try:
+        with tempfile.TemporaryFile(dir=sweep_dir):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"the report goes into the sweep folder, and {sweep_dir} cannot be written to ({err.strerror}): report "
+            f"on a copy you can write, e.g. rsync -a --exclude='*.ckpt' {sweep_dir}/ <copy>/"
+        ) from None
 
 
 def _job_table(rows: list[dict], swept: list[str]) -> tuple[list[str], list[list]]:
@@ -216,13 +338,17 @@ def _job_table(rows: list[dict], swept: list[str]) -> tuple[list[str], list[list
 
 
 def _cell_table(cells: list[dict], keys: list[str], names: list[str]) -> tuple[list[str], list[list]]:
-    header = [*keys, "jobs", "failed", OVER + "s", *[f"{m} {s}" for m in names for s in ("mean", "std", "n")]]
+    stats = [f"{m} {s}" for m in names for s in ("mean", "std", "n")]
+    header = [*keys, "config", "jobs", "failed", "running", OVER + "s", "duplicates", *stats]
     return header, [
         [
             *c["values"].values(),
+            c["config"],
             c["jobs"],
             c["failed"],
+            c["running"],
             " ".join(c["seeds"]),
+            c["duplicates"],
             *[v for m in names for v in (_fmt(c["stats"][m]["mean"]), _fmt(c["stats"][m]["std"]), c["stats"][m]["n"])],
         ]
         for c in cells
@@ -230,12 +356,18 @@ def _cell_table(cells: list[dict], keys: list[str], names: list[str]) -> tuple[l
 
 
 def _cell(cell: dict, metric: str) -> str:
-    s = cell["stats"][metric]
+    s, seeds = cell["stats"][metric], len(cell["seeds"])
     if s["n"] == 0:
-        return f"— (n=0 of {cell['jobs']})"
+        return f"— (n=0 of {seeds})"
     spread = "" if s["n"] < 2 else f" ± {s['std']:.4f}"
-    missing = "" if s["n"] == cell["jobs"] else f" of {cell['jobs']}, failed={cell['failed']}"
+    why = "".join(f", {k}={cell[k]}" for k in ("failed", "running") if cell[k])
+    missing = "" if s["n"] == seeds else f" of {seeds}{why}"
     return f"{s['mean']:.4f}{spread} (n={s['n']}{missing})"
+
+
+def _where(cell: dict) -> str:
+    named = [*(f"{k}={v}" for k, v in cell["values"].items()), *([cell["config"]] if cell["config"] else [])]
+    return ", ".join(named) or "all jobs"
 
 
 def _markdown(header: list, table: list[list]) -> str:
