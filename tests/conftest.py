@@ -23,23 +23,28 @@ needs_shared_data = pytest.mark.skipif(
     "cifar10/ and imagenet-sample/ (see ../shared/data/README.md)",
 )
 
-# The built-in tasks at a size that trains in seconds; every stage 2 epochs (scratch: 4).
-TINY = [
+# The built-in tasks at a size that trains in seconds; every stage 2 epochs (scratch: 4). Sizes only: every
+# feature as a user gets it (progress bar, precision=auto, CSV + TensorBoard, lr monitor, stage cache on).
+SIZES = [
     "data.source.source_classes=6",
     "data.source.train_per_class=40",
     "data.source.test_per_class=10",
     "data.target.train_per_class=10",
     "data.target.test_per_class=10",
-    "data.source.eval_batch_size=64",
     "data.batch_size=16",
     "stages.source.epochs=2",
     "stages.pretrain.epochs=2",
     "stages.finetune.epochs=2",
+]
+# What most tests turn off for speed and independence; for each feature, a test in tests/test_defaults.py (or the
+# feature's own file) runs it with SIZES alone, as shipped.
+QUIET = [
     "trainer.enable_progress_bar=false",
     "logger=csv",
     "~callbacks.lr_monitor",
     "cache=false",  # every test trains what it runs; tests/test_cache.py turns the stage cache on
 ]
+TINY = [*SIZES, "data.source.eval_batch_size=64", *QUIET]
 
 
 def compose_config(run_dir: Path, overrides: list[str] = (), config_name: str = "config"):
@@ -69,10 +74,19 @@ def tiny_cfg(tmp_path):
     return lambda *overrides: compose_config(tmp_path / "run", [*TINY, *overrides])
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a console script as a user would (same interpreter, real process)."""
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a console script as a user would (same interpreter, real process); `env`: variables to set for it."""
     script = Path(sys.executable).parent / args[0]
-    proc = subprocess.run([str(script), *args[1:]], capture_output=True, text=True, cwd=cwd or REPO, timeout=900)
+    proc = subprocess.run(
+        [str(script), *args[1:]],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"

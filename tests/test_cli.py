@@ -1,6 +1,8 @@
-"""The console scripts as a user runs them: results table, eval agreeing with the pipeline, clear errors."""
+"""The console scripts as a user runs them, with the defaults as shipped (progress bar, precision=auto, CSV +
+TensorBoard logs, lr monitor, stage cache on): results table, eval agreeing with the pipeline, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -9,14 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import SIZES, TINY, run_cli
 
 
-def run_timed(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_timed(*args: str, output_root: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`run_cli`, and the seconds from the script's last line of output to the end of its process."""
     script = Path(sys.executable).parent / args[0]
+    env = {**os.environ, "TRANSFERLAB_OUTPUT_ROOT": str(output_root)}
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full stderr pipe would block the script
-        proc = subprocess.Popen([str(script), *args[1:]], stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen([str(script), *args[1:]], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         watchdog = threading.Timer(900, proc.kill)  # run_cli's timeout
         watchdog.start()
         stdout, last_line = [], time.monotonic()
@@ -34,8 +37,11 @@ def run_timed(*args: str) -> tuple[subprocess.CompletedProcess, float]:
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
-    proc, ended_after = run_timed("transferlab", *TINY, f"hydra.run.dir={run_dir}")
+    """The pipeline with the defaults a user gets (only the data and epochs made small), its outputs and stage
+    cache in a folder of its own."""
+    folder = tmp_path_factory.mktemp("cli")
+    run_dir = folder / "run"
+    proc, ended_after = run_timed("transferlab", *SIZES, f"hydra.run.dir={run_dir}", output_root=folder / "outputs")
     return run_dir, proc, ended_after
 
 
@@ -46,8 +52,18 @@ def test_cli_prints_the_results_table_and_writes_the_run_folder(cli_run):
         assert (run_dir / ".hydra" / name).is_file()
     for name in ("manifest.json", "results.json", "results.md"):
         assert (run_dir / name).is_file()
-    assert (run_dir / "source" / "tensorboard").is_dir() is False  # TINY uses logger=csv
-    assert (run_dir / "finetune" / "csv" / "version_0" / "metrics.csv").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["trainer"]["precision"] == "32-true"  # precision=auto on a CPU
+    assert manifest["config"]["trainer"]["enable_progress_bar"] is True and manifest["config"]["cache"] is True
+    for n, stage in enumerate(manifest["stages"], 1):  # each stage's bar, named after it, was drawn
+        assert f"{stage} {n}/4 · epoch" in proc.stdout and f"{stage} {n}/4 · test" in proc.stdout, proc.stdout
+        assert (run_dir / stage / "tensorboard" / "version_0").is_dir()
+        header = (run_dir / stage / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+        assert "lr-SGD" in header and "val/acc" in header  # the lr monitor logged
+    assert "0.00it/s" not in proc.stdout  # short stages' bars showed a speed of 0 (rich had no estimate)
+    entries = (run_dir.parent / "outputs" / "cache" / "stages").glob("*/entry.json")
+    cached = sorted(p.parent.name.split("-")[0] for p in entries)
+    assert cached == ["finetune", "pretrain", "scratch", "source"], cached  # published to the stage cache
 
 
 def test_the_process_ends_right_after_its_last_line(cli_run):
@@ -88,8 +104,7 @@ def test_eval_agrees_with_the_pipelines_test_metrics(cli_run):
             "transferlab-eval",
             f"ckpt={run_dir / manifest[stage]['best_ckpt']}",
             f"task={task}",
-            *[o for o in TINY if o.startswith("data.")],
-            "trainer.enable_progress_bar=false",
+            *[o for o in SIZES if o.startswith("data.")],
             f"hydra.run.dir={run_dir / ('eval-' + stage)}",
         )
         metrics = json.loads((run_dir / f"eval-{stage}" / "eval.json").read_text())["test"]
@@ -114,7 +129,12 @@ def test_eval_refuses_a_checkpoint_for_other_classes(cli_run):
 def test_rerun_of_a_finished_run_skips_every_stage(cli_run):
     run_dir, _, _ = cli_run
     before = (run_dir / "manifest.json").read_text()
-    proc = run_cli("transferlab", *TINY, f"hydra.run.dir={run_dir}")
+    proc = run_cli(
+        "transferlab",
+        *SIZES,
+        f"hydra.run.dir={run_dir}",
+        env={"TRANSFERLAB_OUTPUT_ROOT": str(run_dir.parent / "outputs")},
+    )
     assert proc.stdout.count("done in an earlier run, skipped") == 4
     assert "Transfer gain" in proc.stdout
     after = json.loads((run_dir / "manifest.json").read_text())

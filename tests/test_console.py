@@ -63,6 +63,36 @@ def test_verbose_shows_every_lightning_line(console_run, tmp_path):
     assert (run_dir / "cli.log").read_text().count("GPU available") == 2
 
 
+@pytest.mark.parametrize("verbose", ["false", "true"])
+def test_an_error_is_printed_once_and_kept_in_the_log_file(tmp_path, verbose):
+    """The message was printed twice: the log's `error: ...` line, then `transferlab: error: ...`."""
+    missing = tmp_path / "no-cifar"
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "transferlab",
+        *[o for o in TWO_STAGES if not o.startswith("data.target.")],
+        "data/target=cifar10",
+        f"data.target.root={missing}",
+        f"verbose={verbose}",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 2
+    message = f"CIFAR-10 not found at {missing}"
+    assert (proc.stdout + proc.stderr).count(message) == 1, proc.stdout + proc.stderr
+    assert f"transferlab: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+    assert message in (run_dir / "cli.log").read_text()  # the run's log file keeps it
+
+
+def test_lightnings_stepping_batches_line_stays_off_the_console(tmp_path):
+    """A per-step schedule makes Lightning estimate the stepping batches, and say so on every stage."""
+    run_dir = tmp_path / "run"
+    per_step = ["stages.source.scheduler.name=cosine", "stages.source.scheduler.interval=step"]
+    proc = run_cli("transferlab", *TWO_STAGES, *per_step, f"hydra.run.dir={run_dir}")
+    assert "estimate number of stepping batches" not in proc.stdout + proc.stderr
+    assert "estimate number of stepping batches" in (run_dir / "cli.log").read_text()
+
+
 def test_the_bar_redraws_by_time_not_by_step():
     import time
 

@@ -6,25 +6,25 @@ import os
 
 import pytest
 import yaml
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, SIZES, TINY, run_cli
 
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
+ONE_EPOCH_DEFAULTS = [o for o in SIZES if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 
 
 def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw_and_one_console(tmp_path):
+    """The README's multi-GPU command as a user runs it (trainer=ddp_cpu: gloo on CPU), with the default console:
+    rank 1's progress bar asked Lightning for the current eval dataloader's size, which only rank 0's bar sets, and
+    the run died at the first validation (AssertionError on rank 1, gloo's connection reset on rank 0)."""
     tmp_path = tmp_path / "run"  # outputs/ (the stage cache) stays beside it
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{REPO / 'tests'}:{env_path}"
-    try:
-        proc = run_cli(
-            "transferlab",
-            *TINY,
-            "trainer=ddp_cpu",
-            f"hydra.run.dir={tmp_path}",
-            "+callbacks.record._target_=helpers.RecordTestMetrics",
-        )
-    finally:
-        os.environ["PYTHONPATH"] = env_path
+    proc = run_cli(
+        "transferlab",
+        *SIZES,
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={tmp_path}",
+        "+callbacks.record._target_=helpers.RecordTestMetrics",
+        env={"PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"},
+    )
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["manifest.json", "results.json"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert list(manifest) == ["source", "pretrain", "finetune", "scratch"]
@@ -39,24 +39,32 @@ def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw_and_one_
         assert console.count(f"stage {n}/4 {name} ·") == 1, console
     for line in ("GPU available", "Initializing distributed", "distributed_backend", "Results ("):
         assert console.count(line) == 1, (line, console)
+    for n, name in enumerate(manifest, 1):  # rank 0's bar, named after the stage; rank 1 draws none
+        assert console.count(f"{name} {n}/4 · test") == 1, console
     assert not any(p.is_dir() and p.name not in manifest and p.name != ".hydra" for p in tmp_path.iterdir())
 
 
 def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_path):
+    """A sweep with the defaults as shipped (bar, stage cache): the source and pretrain stages, which the lr sweep
+    does not change, train once per seed and are reused from the stage cache by the other job."""
     sweep = tmp_path / "sweep"
     run_cli(
         "transferlab",
         "-m",
         "stages.finetune.optimizer.lr=0.01,0.001",
         "seed=0,1",
-        *ONE_EPOCH,
+        *ONE_EPOCH_DEFAULTS,
         "~stages.scratch",
         f"hydra.sweep.dir={sweep}",
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]
+    cached = []
     for job in jobs:
         assert json.loads((sweep / job / "results.json").read_text())["finetune/test/acc"] >= 0
+        manifest = json.loads((sweep / job / "manifest.json").read_text())["stages"]
+        cached.append([manifest[s]["cached"] for s in ("source", "pretrain", "finetune")])
+    assert sorted(cached) == [[False] * 3] * 2 + [[True, True, False]] * 2, cached
     proc = run_cli("transferlab-report", str(sweep))
     rows = (sweep / "report.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -83,12 +91,13 @@ def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+    """With the defaults as shipped (bar, stage cache: the trials share their source and pretrain stages)."""
     run_cli(
         "transferlab",
         "-m",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=3",
-        *ONE_EPOCH,
+        *ONE_EPOCH_DEFAULTS,
         "~stages.scratch",
         f"hydra.sweep.dir={tmp_path}",
     )

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from transferlab import CONF_DIR
 from transferlab.errors import UserError, user_message
+from transferlab.fileio import disk_full
 from transferlab.speed import resolve_channels_last, resolve_precision
 
 log = logging.getLogger("transferlab")
@@ -47,22 +48,21 @@ def _report_user_errors(task):
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
-        from transferlab.interrupt import Interrupted  # imports Lightning: not at the CLI's import (--help)
+        from transferlab.console import FILE_ONLY  # these import Lightning: not at the CLI's import (--help)
+        from transferlab.interrupt import Interrupted
 
         try:
             return task(cfg)
         except Interrupted as stop:
             _exit_interrupted(stop, cfg)
-        except (UserError, OmegaConfBaseException) as caught:
+        except Exception as caught:
+            full = disk_full(caught)
+            if not isinstance(caught, (UserError, OmegaConfBaseException)) and full is None:
+                raise  # a bug: Hydra shows its traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            err = user_message(caught)
-            if isinstance(caught, OmegaConfBaseException):  # e.g. an interpolation left dangling by an override
-                err = (
-                    f"Config error: {' '.join(line.strip() for line in err.splitlines())}. Fix the override or "
-                    "config file that sets this key (transferlab --cfg job prints the composed config)."
-                )
-            log.error("%s", err)
+            err = _message(caught, full, cfg)
+            log.error("%s", err, extra=FILE_ONLY)  # in the run's log file; the console gets the line printed below
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 hydra_cfg = HydraConfig.get()
                 direction = hydra_cfg.sweeper.get("direction")
@@ -75,6 +75,25 @@ def _report_user_errors(task):
             sys.exit(2)
 
     return wrapped
+
+
+def _message(caught: Exception, full: OSError | None, cfg: DictConfig) -> str:
+    """One line for a user's mistake, a config error or a full disk."""
+    if isinstance(caught, UserError):
+        return user_message(caught)
+    if isinstance(caught, OmegaConfBaseException):  # e.g. an interpolation left dangling by an override
+        text = " ".join(line.strip() for line in str(caught).splitlines())
+        return (
+            f"Config error: {text}. Fix the override or config file that sets this key (transferlab --cfg job "
+            "prints the composed config)."
+        )
+    paths = cfg.get("paths") or {}
+    return (
+        f"The disk holding {full.filename or paths.get('run_dir')} is full ({full.strerror}). Free space on it (old "
+        f"run folders under {paths.get('output_root')} and the stage cache {paths.get('cache_dir')} can go), then "
+        f"re-run the same command into the same folder (hydra.run.dir={paths.get('run_dir')}): what was trained "
+        "is kept, finished stages are skipped and the unfinished one resumes from its last checkpoint."
+    )
 
 
 def _exit_interrupted(stop, cfg: DictConfig) -> None:

@@ -6,11 +6,16 @@ The log file of a run (`<run>/<job>.log`) always keeps every line: only the cons
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from rich.text import Text
+
+from transferlab.fileio import disk_full
 
 ONCE = (
     "GPU available",
@@ -29,21 +34,29 @@ HIDDEN = (
     "Restoring states from the checkpoint path",
     "Loaded model weights from the checkpoint",
     "LOCAL_RANK",
+    "Loading `train_dataloader` to estimate number of stepping batches",
 )  # debugging detail: verbose only
+FILE_ONLY = {"file_only": True}  # `log.error(..., extra=FILE_ONLY)`: for the run's log file, not the console
 
 
 class _Banner(logging.Filter):
-    """Drops Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines;
+    """Drops records meant for the log file only (`FILE_ONLY`: an error the CLI prints itself), and unless
+    `verbose`: Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines;
     under DDP on one console, the info lines of every rank but 0 (rank 0 speaks for all; warnings and errors of
     every rank still show). Under submitit (hydra/launcher=slurm) each task writes a log file of its own, which
     keeps its lines."""
 
-    def __init__(self):
+    def __init__(self, verbose: bool = False):
         super().__init__()
         self.seen: set[str] = set()
         self.own_log = "SUBMITIT_FOLDER" in os.environ
+        self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
+        if self.verbose:
+            return True
         if record.levelno <= logging.INFO and rank_zero_only.rank != 0 and not self.own_log:
             return False
         if not record.name.startswith("lightning"):
@@ -71,6 +84,8 @@ def configure(verbose: bool = False) -> None:
     """Set up the console handlers (Hydra's, on the root logger) for one run or sweep job. Lightning gives its
     loggers a stderr handler of their own (and stops them propagating) when it is imported before Hydra sets up
     logging, e.g. by the checks that run before Hydra composes: route them back to the root logger."""
+    logging.raiseExceptions = False  # a log file that cannot be written (full disk) prints no traceback per line
+    threading.excepthook = _thread_error
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
@@ -81,11 +96,18 @@ def configure(verbose: bool = False) -> None:
             handler.removeFilter(old)
         if not hasattr(handler, "_transferlab_formatter"):
             handler._transferlab_formatter = handler.formatter
-        if verbose:
-            handler.setFormatter(handler._transferlab_formatter)
-        else:
-            handler.addFilter(_Banner())
-            handler.setFormatter(_Plain())
+        handler.addFilter(_Banner(verbose))
+        handler.setFormatter(handler._transferlab_formatter if verbose else _Plain())
+
+
+def _thread_error(args) -> None:
+    """A helper thread's full disk (TensorBoard's event writer) is one line; the run reports it as it stops."""
+    if disk_full(args.exc_value) is not None:
+        logging.getLogger("transferlab").warning(
+            "%s: %s", args.thread.name if args.thread else "a thread", args.exc_value
+        )
+    else:
+        threading.__excepthook__(args)
 
 
 def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: bool, init) -> str:
@@ -164,14 +186,29 @@ class StageProgressBar(RichProgressBar):
         items.pop("v_num", None)
         return items
 
+    # A disabled bar (every DDP rank but 0) draws nothing and has no current eval dataloader, whose batch count
+    # Lightning asserts: it must not ask for it.
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._due(batch_idx + 1, self.total_train_batches):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_train_batches):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
             super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
             super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def configure_columns(self, trainer) -> list:
+        columns = super().configure_columns(trainer)
+        return [_Speed(c.style) if isinstance(c, ProcessingSpeedColumn) else c for c in columns]
+
+
+class _Speed(ProcessingSpeedColumn):
+    """it/s over the whole task where rich has no estimate yet: rich estimates speed from the redraws' samples, and
+    a short stage, redrawn once at its end, showed `0.00it/s`."""
+
+    def render(self, task):
+        speed = task.speed if task.speed is not None else (task.completed / task.elapsed if task.elapsed else None)
+        return Text("" if speed is None else f"{speed:.2f}it/s", style=self.style)
