@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, compose_config, run_cli, write_imagenet
 
 from transferlab.errors import UserError
-from transferlab.transferability import h_score, kendall_tau_b, leep, logme, logme_fit, nce, pearson_r
+from transferlab.transferability import SCORES, h_score, kendall_tau_b, leep, logme, logme_fit, nce, pearson_r
 
 RNG = np.random.default_rng(0)
 
@@ -118,21 +119,38 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def rank_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transferlab.rank",
-            *TARGET,
-            f"hydra.run.dir={tmp_path / 'rank'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    """The `transferlab-rank` console script in its own process, on the tiny target."""
+    return run_cli(
+        "transferlab-rank",
+        *TARGET,
+        f"hydra.run.dir={tmp_path / 'rank'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+        check=False,
     )
+
+
+def refused(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> str:
+    """The console script's function in this process (argv as a user types it) exits 2 with one error line and no
+    traceback: that line."""
+    from transferlab.rank import main
+
+    argv = [*TARGET, *overrides, f"hydra.run.dir={tmp_path / 'r'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    monkeypatch.setattr(sys, "argv", ["transferlab-rank", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, (overrides, err)
+    errors = [line for line in err.splitlines() if line.startswith("transferlab: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def one_line_exit_2(proc: subprocess.CompletedProcess) -> str:
+    """A console script's run that refused its input: exit 2, one error line, no traceback; that line."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("transferlab: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
 
 
 def test_rank_command_end_to_end(tiny_run, tmp_path):
@@ -176,26 +194,28 @@ def test_rank_command_end_to_end(tiny_run, tmp_path):
 
 
 def test_rank_refuses_bad_input_with_one_message_and_exit_2(tiny_run, tmp_path, monkeypatch, capsys):
-    """The console script's function, in this process (argv as a user types it): exit 2, one line, no traceback."""
-    from transferlab.rank import main
-
+    """Checkpoints from a stranger (another architecture's weights, an option this transferlab does not know, a
+    bare tensor) and a run folder whose manifest.json was cut short: one message each, exit 2."""
     state = torch.load(tiny_run / "source" / "checkpoints" / "best.ckpt", weights_only=True)
     state["hyper_parameters"]["model"] = {"name": "resnet18", "small_input": True}
     torch.save(state, tmp_path / "other_arch.ckpt")
+    state = torch.load(tiny_run / "source" / "checkpoints" / "best.ckpt", weights_only=True)
+    state["hyper_parameters"]["option_of_a_newer_version"] = 1
+    torch.save(state, tmp_path / "newer.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    cut = tmp_path / "cut_run"
+    (cut / "source" / "checkpoints").mkdir(parents=True)
+    (cut / "manifest.json").write_text((tiny_run / "manifest.json").read_text()[:300])
     cases = {
         f"candidates=[{tmp_path / 'missing.ckpt'},random]": "does not exist",
-        f"candidates=[{tmp_path / 'other_arch.ckpt'}]": "do not fit the architecture",
+        f"candidates=[{tmp_path / 'other_arch.ckpt'}]": "do not fit the model",
+        f"candidates=[{tmp_path / 'newer.ckpt'}]": "option_of_a_newer_version",
+        f"candidates=[{tmp_path / 'tensor.pt'}]": "is not a transferlab ClassifierModule checkpoint",
+        f"candidates=[{cut}]": f"{cut / 'manifest.json'} is not valid JSON",
         "candidates=[]": "No candidates",
     }
     for override, message in cases.items():
-        monkeypatch.setattr(sys, "argv", ["transferlab-rank", *TARGET, override, f"hydra.run.dir={tmp_path / 'r'}"])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2, (override, err)
-        errors = [line for line in err.splitlines() if line.startswith("transferlab: error:")]
-        assert len(errors) == 1 and message in errors[0], err
-        assert "Traceback" not in err
+        assert message in refused(tmp_path, monkeypatch, capsys, override)
 
 
 def test_rank_refuses_a_plain_state_dict_and_unmatched_results(tiny_run, tmp_path):
@@ -229,3 +249,205 @@ def test_results_from_a_sweep_folder_match_candidates_by_checkpoint_content(tiny
     finetune_acc = json.loads((tiny_run / "results.json").read_text())["finetune/test/acc"]
     assert rows["source_model"]["finetuned_acc"] == pytest.approx(finetune_acc)
     assert rows["random"]["finetuned_acc"] is None and rows["random"]["finetuned_n"] == 0
+
+
+def test_features_are_cached_per_image_size(tiny_run, tmp_path):
+    """The cache key covers what sets the pixels (image size, normalisation, loader), not only the files: the same
+    images at 64 px are not served the 32-px features, and the ConvNet, which takes 32x32 only, is refused at 64 px
+    with one message instead of being ranked from the cache."""
+    from transferlab.rank import rank
+
+    ckpt = tiny_run / "source" / "checkpoints" / "best.ckpt"
+    data = [
+        "data/target=image_folder",
+        f"data.target.root={write_imagenet(tmp_path / 'images')}",  # class folders of JPEGs
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "model=resnet18",  # the random candidate: takes any size
+        "random_classes=6",
+    ]
+    at = lambda size, *o: compose_config(tmp_path / f"r{size}", [*data, f"data.target.image_size={size}", *o], "rank")
+    small = {r["candidate"]: r for r in rank(at(32, f"candidates=[{ckpt},random]"))["candidates"]}
+    cached = tmp_path / "cache" / "rank"
+    assert len(list(cached.glob("*.npz"))) == 2
+    large = {r["candidate"]: r for r in rank(at(64, "candidates=[random]"))["candidates"]}
+    assert len(list(cached.glob("*.npz"))) == 3  # computed for 64 px, not served the 32-px entry
+    assert large["random"]["logme"] != small["random"]["logme"]
+    proc = run_cli(
+        "transferlab-rank",
+        *data,
+        "data.target.image_size=64",
+        f"candidates=[{ckpt}]",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        check=False,
+    )
+    assert "cannot take the target images: it takes 32x32" in one_line_exit_2(proc)
+    assert not (tmp_path / "r" / "ranking.csv").exists()
+
+
+def test_a_diverged_checkpoint_scores_nan_and_stays_out_of_the_correlations(tiny_run, tmp_path):
+    """NaN weights give NaN features, which gave a finite NCE (every argmax 0) and H-score (0) that then entered the
+    correlations: now every score is NaN, one warning names the candidate, and each score is correlated over the
+    three others (n = 3)."""
+    source = tiny_run / "source" / "checkpoints" / "best.ckpt"
+    state = torch.load(source, weights_only=True)
+    state["state_dict"]["backbone.0.weight"].fill_(float("nan"))
+    torch.save(state, tmp_path / "diverged.ckpt")
+    (tmp_path / "acc.csv").write_text("candidate,accuracy\nsrc,0.5\ndiverged,0.9\nft,0.7\nrandom,0.2\n")
+    proc = rank_cli(
+        tmp_path,
+        f"candidates={{src:{source},diverged:{tmp_path / 'diverged.ckpt'},"
+        f"ft:{tiny_run / 'finetune' / 'checkpoints' / 'best.ckpt'},random:random}}",
+        f"results={tmp_path / 'acc.csv'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "rank" / "ranking.json").read_text())
+    rows = {r["candidate"]: r for r in report["candidates"]}
+    assert all(np.isnan(rows["diverged"][s]) for s in SCORES) and rows["diverged"]["finetuned_acc"] == 0.9
+    assert all(np.isfinite(rows[n][s]) for n in ("src", "ft", "random") for s in SCORES)
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "not finite" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and "Candidate diverged:" in warnings[0], warnings
+    assert {v["n"] for v in report["correlations"].values()} == {3}
+    logmes = [rows[n]["logme"] for n in ("src", "ft", "random")]
+    assert report["correlations"]["logme"]["kendall_tau"] == pytest.approx(kendall_tau_b(logmes, [0.5, 0.7, 0.2]))
+
+
+def test_correlations_use_the_finite_pairs_of_each_score_and_none_from_fewer_than_3(caplog):
+    from transferlab.rank_results import correlations
+
+    def row(name, score, acc):
+        return {"candidate": name, **dict.fromkeys(SCORES, score), "finetuned_acc": acc}
+
+    nan = float("nan")
+    rows = [row("a", 1.0, 0.1), row("b", 2.0, 0.3), row("c", 3.0, 0.2), row("d", 4.0, nan), row("e", nan, 0.9)]
+    rows.append(row("f", 5.0, None))  # no fine-tuned result
+    out = correlations(rows)
+    for s in SCORES:  # a, b, c only
+        assert out[s]["n"] == 3
+        assert out[s]["kendall_tau"] == pytest.approx(kendall_tau_b([1, 2, 3], [0.1, 0.3, 0.2]))
+        assert out[s]["pearson_r"] == pytest.approx(pearson_r([1, 2, 3], [0.1, 0.3, 0.2]))
+    rows[0]["logme"] = nan
+    with caplog.at_level(logging.WARNING):
+        out = correlations(rows)
+    assert out["logme"] == {"kendall_tau": None, "pearson_r": None, "n": 2} and out["leep"]["n"] == 3
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "fewer than 3" in warning and "logme (n = 2)" in warning and "leep" not in warning
+
+
+def test_two_results_give_no_correlation_but_say_why(tiny_run, tmp_path, caplog):
+    """Two candidates with a result: tau and r would be +-1 whatever the scores; the table says `n < 3` instead."""
+    from transferlab.rank import rank
+
+    (tmp_path / "acc.csv").write_text("candidate,accuracy\nrun,0.6\nrandom,0.2\n")
+    cfg = compose_config(
+        tmp_path / "r",
+        [*TARGET, f"candidates=[{tiny_run},random]", f"results={tmp_path / 'acc.csv'}"],
+        config_name="rank",
+    )
+    with caplog.at_level(logging.WARNING):
+        out = rank(cfg)
+    assert out["correlations"]["logme"] == {"kendall_tau": None, "pearson_r": None, "n": 2}
+    assert "| logme | n < 3 | n < 3 | 2 |" in (tmp_path / "r" / "ranking.md").read_text()
+    assert any("fewer than 3" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_bad_results_files_are_one_message_naming_the_file(tiny_run, tmp_path, monkeypatch, capsys):
+    files = {
+        "no_header.csv": ("random,0.2\n", "its first row is random,0.2, not the header candidate,accuracy"),
+        "words.csv": ("candidate,accuracy\nrandom,high\n", 'line 2: the accuracy "high" is not a finite number'),
+        "empty.csv": ("candidate,accuracy\nrun,0.5\nrandom,\n", 'line 3: the accuracy "" is not a finite number'),
+        "nan.csv": ("candidate,accuracy\nrandom,nan\n", 'line 2: the accuracy "nan" is not a finite number'),
+        "list.json": ("[0.5]", "holds a JSON list, not an object"),
+        "words.json": ('{"random": "high"}', "key 'random': the accuracy \"high\" is not a finite number"),
+        "nulls.json": ('{"random": [0.5, null]}', "key 'random': the accuracy null is not a finite number"),
+        "cut.json": ('{"random": 0.', "is not valid JSON"),
+    }
+    for name, (text, message) in files.items():
+        (tmp_path / name).write_text(text)
+        line = refused(tmp_path, monkeypatch, capsys, "candidates=[random]", f"results={tmp_path / name}")
+        assert f"results={tmp_path / name}" in line and message in line, line
+    sweep = tmp_path / "sweep"  # a sweep folder whose job's manifest.json was cut short
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "manifest.json").write_text((tiny_run / "manifest.json").read_text()[:500])
+    line = one_line_exit_2(rank_cli(tmp_path, "candidates=[random]", f"results={sweep}"))
+    assert f"{sweep / '0' / 'manifest.json'} is not valid JSON" in line and "leave that run folder out" in line
+
+
+def test_a_csv_saved_by_a_spreadsheet_is_read(tiny_run, tmp_path):
+    """A byte-order mark before the header and spaces after the commas (a spreadsheet's "CSV UTF-8")."""
+    from transferlab.rank import rank
+
+    (tmp_path / "acc.csv").write_text("\ufeffcandidate, accuracy\r\nrandom, 0.25\r\n", encoding="utf-8")
+    cfg = compose_config(
+        tmp_path / "r", [*TARGET, "candidates=[random]", f"results={tmp_path / 'acc.csv'}"], config_name="rank"
+    )
+    assert rank(cfg)["candidates"][0]["finetuned_acc"] == 0.25
+
+
+def test_rank_settings_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    cases = {
+        "batch_size=0": "batch_size must be a whole number of at least 1, got 0",
+        "batch_size=-3": "batch_size must be a whole number of at least 1, got -3",
+        "batch_size=1.5": "batch_size must be a whole number of at least 1, got 1.5",
+        "batch_size=true": "batch_size must be a whole number of at least 1, got true",
+        "seed=-1": "seed must be a whole number from 0 to 4294967295, got -1",
+        "seed=4294967296": "seed must be a whole number from 0 to 4294967295, got 4294967296",
+        "random_classes=0": "random_classes must be null or a whole number of at least 1, got 0",
+        "random_classes=2.5": "random_classes must be null or a whole number of at least 1, got 2.5",
+        "cache=yes": 'cache must be true or false, got "yes"',
+        "cache=1": "cache must be true or false, got 1",
+        "candidates=[random,null]": "each candidate is a checkpoint file, a run folder or `random`",
+        "candidates={a:3}": "each candidate is a checkpoint file, a run folder or `random`",
+        "results_metric=3": "results_metric must be a name",
+        "sort_by=best": "sort_by='best' is unknown; available: logme, leep, nce, hscore",
+    }
+    for override, message in cases.items():
+        overrides = [override] if override.startswith("candidates") else ["candidates=[random]", override]
+        assert message in refused(tmp_path, monkeypatch, capsys, *overrides)
+    line = one_line_exit_2(rank_cli(tmp_path, "candidates=[random]", "batch_size=0"))
+    assert "batch_size must be a whole number of at least 1, got 0" in line
+
+
+def test_a_checkpoint_from_before_the_rename_is_ranked(tiny_run, tmp_path):
+    """Checkpoints saved before `train` was renamed `trainable` build their module as in transferlab-eval."""
+    from transferlab.rank import rank
+
+    source = tiny_run / "source" / "checkpoints" / "best.ckpt"
+    state = torch.load(source, weights_only=True)
+    state["hyper_parameters"]["train"] = state["hyper_parameters"].pop("trainable")
+    torch.save(state, tmp_path / "old.ckpt")
+    cfg = compose_config(tmp_path / "r", [*TARGET, f"candidates={{old:{tmp_path / 'old.ckpt'},now:{source}}}"], "rank")
+    rows = {r["candidate"]: r for r in rank(cfg)["candidates"]}
+    assert np.isfinite(rows["old"]["logme"]) and rows["old"]["logme"] == rows["now"]["logme"]
+
+
+def test_candidate_stage_picks_another_stage_of_a_run_folder(tiny_run, tmp_path):
+    """Was `stage`, which Hydra reads as the config group conf/stage/: `stage=finetune` could not be given."""
+    from transferlab.rank import rank
+
+    cfg = compose_config(tmp_path / "r", [*TARGET, f"candidates=[{tiny_run}]", "candidate_stage=finetune"], "rank")
+    [row] = rank(cfg)["candidates"]
+    assert row["source_classes"] == 10 and row["checkpoint"].endswith("finetune/checkpoints/best.ckpt")
+
+
+def test_a_damaged_or_unwritable_feature_cache_costs_only_the_reuse(tmp_path, caplog):
+    """A cache entry cut short (a full disk, a killed copy) is computed again and rewritten; a cache folder that
+    cannot be written (here: below a file) gives a warning and the ranking."""
+    from transferlab.rank import rank
+
+    def scores(cache_dir):
+        cfg = compose_config(tmp_path / "r", [*TARGET, "candidates=[random]", f"paths.cache_dir={cache_dir}"], "rank")
+        return rank(cfg)["candidates"][0]
+
+    first = scores(tmp_path / "cache")
+    [entry] = (tmp_path / "cache" / "rank").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        again = scores(tmp_path / "cache")
+    assert again["logme"] == first["logme"] and any("unreadable" in r.getMessage() for r in caplog.records)
+    with np.load(entry) as rewritten:
+        assert rewritten["features"].shape == (80, again["feature_dim"])
+    (tmp_path / "a_file").write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        elsewhere = scores(tmp_path / "a_file" / "cache")
+    assert elsewhere["logme"] == first["logme"] and any("not cached" in r.getMessage() for r in caplog.records)

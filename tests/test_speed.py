@@ -13,7 +13,7 @@ from transferlab.data import BuiltinDataModule
 from transferlab.data.base import auto_eval_batch
 from transferlab.factories import build, make_trainer
 from transferlab.module import ClassifierModule
-from transferlab.speed import cpu_flags, native_bf16, resolve_channels_last, resolve_precision
+from transferlab.speed import cpu_flags, resolve_channels_last, resolve_precision
 
 
 def test_cpu_flags_are_this_machines():
@@ -25,12 +25,10 @@ def test_cpu_flags_are_this_machines():
     assert flags == set(line.split(":", 1)[1].split()) and flags
 
 
-def test_auto_on_cpu_follows_native_bf16_of_this_cpu():
-    expected = "bf16-mixed" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "32-true"
-    assert resolve_precision("auto", "cpu") == expected
-    assert native_bf16({"avx2", "amx_bf16"}) and native_bf16({"avx512_bf16"}) and not native_bf16({"avx2", "avx512f"})
-    assert resolve_precision("auto", "cpu", flags={"avx2"}) == "32-true"
-    assert resolve_precision("auto", "cpu", flags={"avx512f", "avx512_bf16"}) == "bf16-mixed"
+def test_auto_on_any_cpu_is_fp32_so_every_machine_runs_the_tested_path():
+    """A CPU with native bf16 took bf16-mixed under auto, a path the suite never ran on other CPUs (and
+    transferlab-eval, at 32-true, then disagreed with the run's own test: top-5 0.53 vs 0.54)."""
+    assert resolve_precision("auto", "cpu") == "32-true"
 
 
 def test_auto_on_gpu_follows_the_gpu_and_explicit_values_pass_through():

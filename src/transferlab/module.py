@@ -76,6 +76,7 @@ class ClassifierModule(L.LightningModule):
             self.w0 = {name: w.to(self.device) for name, w in w0.items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["precision"] = str(self.trainer.precision)  # transferlab-eval tests under it: the same numbers
         if self.w0 is not None:
             checkpoint["l2sp_w0"] = self.w0
 

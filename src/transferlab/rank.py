@@ -2,7 +2,8 @@
 
 One forward pass per candidate over the target task's training split gives its features (backbone output) and
 its source head's logits; `transferability` turns them into LogME, LEEP, NCE and H-score. Features are cached
-per (checkpoint content, data fingerprint), so re-ranking with another candidate list costs only the new ones.
+per (checkpoint content, data fingerprint, what sets the pixels: image size, normalisation, loader), so re-ranking
+with another candidate list costs only the new ones.
 With `results=...` (fine-tuned accuracies of the same candidates), each score's Kendall tau-b and Pearson r
 against them say how well it predicts.
 """
@@ -12,6 +13,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +23,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import provenance
+from transferlab.checks import MAX_SEED, choice, show, whole_number
 from transferlab.cli import CONF_DIR, _report_user_errors
 from transferlab.errors import UserError
 from transferlab.factories import build
-from transferlab.fileio import atomic_write, read_json
+from transferlab.fileio import atomic_write, file_digest
+from transferlab.models import INPUT_SIZES
 from transferlab.module import ClassifierModule
-from transferlab.rank_results import correlations, file_digest, plain, read_results, write_tables
-from transferlab.transfer import load_checkpoint
+from transferlab.rank_results import correlations, plain, read_manifest, read_results, write_tables
+from transferlab.transfer import load_module
 from transferlab.transferability import SCORES, all_scores
 
 log = logging.getLogger(__name__)
-FEATURES_VERSION = 1  # bump when what a cached .npz holds changes
+FEATURES_VERSION = 2  # bump when what a cached .npz holds, or what its key covers, changes (2: the pixels' settings)
 
 
 @dataclass
@@ -40,28 +44,34 @@ class Candidate:
     given: str
     path: Path | None = None  # None: random init
     digest: str = ""  # sha256 of the checkpoint file
-    classes: int | None = None  # head size of a random-init candidate
-    model: dict | None = None  # architecture of a random-init candidate
+    classes: int | None = None  # head size (a checkpoint's: from its hyperparameters)
+    model: dict | None = None  # architecture (a checkpoint's: from its hyperparameters)
     seed: int = 0
     row: dict = field(default_factory=dict)
 
 
 def rank(cfg: DictConfig) -> dict:
     """Score every candidate, write ranking.{md,csv,json} into the run folder, print the table."""
-    if cfg.sort_by not in SCORES:
-        raise UserError(f"sort_by={cfg.sort_by!r}: use one of {', '.join(SCORES)}.")
-    if cfg.device not in ("auto", "cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"device={cfg.device!r}: use auto, cpu, or cuda (where a GPU is visible).")
-    if not isinstance(cfg.data.get(cfg.task), DictConfig):
-        raise UserError(f"task={cfg.task!r}: the data config has tasks source and target.")
+    check_settings(cfg)
     candidates = resolve_candidates(cfg)
     results = read_results(cfg, candidates) if cfg.results else {}
     datamodule = build(cfg.data[cfg.task], augment=False)  # features of the images as they are
     fingerprint = datamodule.fingerprint()
-    heads = [load_candidate(c).hparams.num_classes for c in candidates if c.path]  # bad ones fail here, first
+    for c in candidates:
+        if c.path:  # bad ones fail here, before any forward pass
+            hparams = load_candidate(c).hparams
+            c.model, c.classes = hparams.model, hparams.num_classes
+    heads = [c.classes for c in candidates if c.path]
     for c in candidates:
         if c.path is None:  # random init: as many classes as the first checkpoint's head, else the target's
             c.classes = cfg.random_classes or (heads[0] if heads else datamodule.num_classes)
+        need = INPUT_SIZES.get(c.model["name"])
+        if need is not None and need != datamodule.image_size:
+            raise UserError(
+                f"Candidate {c.name} ({c.model['name']}) cannot take the {cfg.task} images: it takes {need}x{need}, "
+                f"data.{cfg.task}.image_size is {datamodule.image_size}. Rank it on {need}x{need} images "
+                f"(data.{cfg.task}.image_size={need}), or leave it out of candidates."
+            )
     cache_dir = Path(cfg.paths.cache_dir) / "rank"
     labels = None
     for c in candidates:
@@ -72,7 +82,14 @@ def rank(cfg: DictConfig) -> dict:
         if not np.array_equal(labels, y):
             raise UserError(f"Cached features of {c.name} were computed on other labels: delete {cache_dir}.")
         start = time.time()
-        scores = {k: float(f"{v:.10g}") for k, v in all_scores(features, logits, labels).items()}  # round-off
+        if np.isfinite(features).all() and np.isfinite(logits).all():
+            scores = {k: float(f"{v:.10g}") for k, v in all_scores(features, logits, labels).items()}  # round-off
+        else:  # NaN features still give a finite NCE (every argmax 0) and H-score (0): none is a score
+            log.warning(
+                "Candidate %s: its features are not finite (NaN/inf), a diverged checkpoint: every score is NaN.",
+                c.name,
+            )
+            scores = dict.fromkeys(SCORES, float("nan"))
         c.row = {
             "candidate": c.name,
             **scores,
@@ -100,10 +117,32 @@ def rank(cfg: DictConfig) -> dict:
     return out
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """rank.yaml's own values, each refused with one message before anything is read or computed."""
+    choice("sort_by", cfg.sort_by, SCORES)
+    if cfg.device not in ("auto", "cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"device={cfg.device!r}: use auto, cpu, or cuda (where a GPU is visible).")
+    if not isinstance(cfg.data.get(cfg.task), DictConfig):
+        raise UserError(f"task={cfg.task!r}: the data config has tasks source and target.")
+    whole_number("batch_size", cfg.batch_size)
+    whole_number("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
+    whole_number("random_classes", cfg.random_classes, optional=True)
+    if not isinstance(cfg.cache, bool):
+        raise UserError(f"cache must be true or false, got {show(cfg.cache)}.")
+    for key in ("candidate_stage", "results_stage", "results_metric"):
+        if not isinstance(cfg[key], str):
+            raise UserError(f"{key} must be a name (see conf/rank.yaml), got {show(cfg[key])}.")
+
+
 def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
     """`candidates` as a list (names derived) or a {name: path} mapping; run folders -> their stage's checkpoint."""
     given = plain(cfg.candidates)
-    pairs = list(given.items()) if isinstance(given, dict) else [(None, str(g)) for g in given]
+    pairs = [(str(k), v) for k, v in given.items()] if isinstance(given, dict) else [(None, g) for g in given]
+    if not all(isinstance(item, str) for _, item in pairs):
+        raise UserError(
+            f"candidates={json.dumps(given)}: each candidate is a checkpoint file, a run folder or `random`, as a "
+            "list (candidates=[<run>,random]) or a mapping {name: path}, not a number, null or a nested list."
+        )
     if not pairs:
         raise UserError(
             "No candidates to rank: pass candidates=[<checkpoint>,<run folder>,...] (and `random` for "
@@ -118,8 +157,8 @@ def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
                 )
             )
             continue
-        path = checkpoint_of(Path(str(item)).expanduser(), cfg.stage)
-        out.append(Candidate(name or _short_name(path, cfg.stage), str(item), path.resolve(), file_digest(path)))
+        path = checkpoint_of(Path(item).expanduser(), cfg.candidate_stage)
+        out.append(Candidate(name or _short_name(path, cfg.candidate_stage), item, path.resolve(), file_digest(path)))
     names = [c.name for c in out]
     for c in out:  # two checkpoints with the same short name: use what the user typed
         if names.count(c.name) > 1:
@@ -135,12 +174,12 @@ def checkpoint_of(path: Path, stage: str) -> Path:
         return path
     if not path.is_dir():
         raise UserError(f"Candidate {path} does not exist: give a checkpoint file, a run folder, or `random`.")
-    entry = (read_json(path / "manifest.json") or {}).get("stages", {}).get(stage, {})
+    entry = read_manifest(path / "manifest.json").get("stages", {}).get(stage, {})
     ckpt = path / entry["best_ckpt"] if entry.get("best_ckpt") else path / stage / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
         raise UserError(
             f"Run folder {path} has no best checkpoint for stage {stage!r} ({ckpt} is missing): pick "
-            f"another stage with stage=<name>, or give the checkpoint file itself."
+            f"another stage with candidate_stage=<name>, or give the checkpoint file itself."
         )
     return ckpt
 
@@ -157,30 +196,22 @@ def load_candidate(c: Candidate) -> ClassifierModule:
     if c.path is None:
         torch.manual_seed(c.seed)
         return ClassifierModule(model=c.model, num_classes=c.classes, optimizer={"name": "sgd", "lr": 0.1})
-    checkpoint = load_checkpoint(c.path)
-    hparams = checkpoint.get("hyper_parameters")
-    if not hparams or "model" not in hparams or "state_dict" not in checkpoint:
-        raise UserError(
-            f"Candidate {c.name} ({c.path}) is not a transferlab ClassifierModule checkpoint (no model "
-            "hyperparameters): give a checkpoint written by transferlab, e.g. <run>/source/checkpoints/"
-            "best.ckpt."
-        )
-    module = ClassifierModule(**hparams)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise UserError(
-            f"Candidate {c.name} ({c.path}): its weights do not fit the architecture its hyperparameters "
-            f"name ({hparams['model']}): {first[:300]}. The file is damaged or was edited; use the "
-            "checkpoint as transferlab wrote it."
-        ) from None
-    return module
+    try:  # as transferlab-eval loads it (from_hparams: also checkpoints saved before `train` was renamed)
+        return load_module(c.path)[0]
+    except UserError as err:
+        raise UserError(f"Candidate {c.name}: {err}") from None
 
 
 def candidate_outputs(cfg, c: Candidate, datamodule, fingerprint: dict, cache_dir: Path):
     """(features N x D float32, logits N x C_s float32, labels N) of one candidate: from the cache, or computed."""
     what = {"version": FEATURES_VERSION, "task": cfg.task, "data": fingerprint["hash"], "splits": fingerprint["splits"]}
+    what["pixels"] = {  # what else sets the pixels `forward` feeds (no augmentation): the size, the normalisation
+        "dataset": type(datamodule).__name__,
+        "image_size": datamodule.image_size,
+        "mean": list(datamodule.mean),
+        "std": list(datamodule.std),
+        "loader": datamodule.loader,
+    }
     what |= (
         {"ckpt": c.digest}
         if c.path
@@ -189,15 +220,24 @@ def candidate_outputs(cfg, c: Candidate, datamodule, fingerprint: dict, cache_di
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.npz"
     if cfg.cache and path.is_file():
-        with np.load(path) as cached:
+        try:
+            with np.load(path) as cached:
+                out = cached["features"], cached["logits"], cached["labels"]
             log.info("Candidate %s: features from the cache (%s)", c.name, path)
-            return cached["features"], cached["logits"], cached["labels"]
+            return out
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # cut short, or not ours
+            log.warning("Candidate %s: cached features %s are unreadable (%s): computed again.", c.name, path, err)
     module = load_candidate(c)
     features, logits, labels = forward(module, datamodule, cfg, c.name)
     if cfg.cache:
         buffer = io.BytesIO()
         np.savez(buffer, features=features, logits=logits, labels=labels)
-        atomic_write(path, buffer.getbuffer())
+        try:
+            atomic_write(path, buffer.getbuffer())
+        except OSError as err:  # a full or read-only cache folder costs the reuse, never the ranking
+            log.warning(
+                "Candidate %s: features not cached (%s): free space in %s, or set cache=false.", c.name, err, cache_dir
+            )
     return features, logits, labels
 
 

@@ -2,20 +2,25 @@
 each score's Kendall tau-b and Pearson r against them, and the ranking tables (markdown, CSV, JSON)."""
 
 import csv
-import hashlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import report
 from transferlab.errors import UserError
-from transferlab.fileio import atomic_write, read_json, write_json_atomic
+from transferlab.fileio import atomic_write, file_digest, read_json, write_json_atomic
 from transferlab.transferability import SCORES, kendall_tau_b, pearson_r
 
 log = logging.getLogger(__name__)
+MIN_PAIRS = 3  # fewer (score, accuracy) pairs say nothing: two points always give tau and r of +-1
+FORMS = (
+    'a .csv with the header row candidate,accuracy (then e.g. random,0.41), a .json {"<candidate>": accuracy or '
+    "[accuracies]}, or the run/sweep folders that fine-tuned from the candidates"
+)
 
 
 def plain(node):
@@ -25,21 +30,13 @@ def plain(node):
     return [] if node is None else [node]
 
 
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def read_results(cfg: DictConfig, candidates: list) -> dict[str, list[float]]:
     """Fine-tuned accuracies per candidate name, from a CSV/JSON file or run/sweep folders (see conf/rank.yaml)."""
     given = plain(cfg.results)
     sources = [Path(str(p)).expanduser() for p in (given if isinstance(given, list) else [given])]
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
-        raise UserError(
-            f"results: {', '.join(missing)} does not exist. Give a .csv (candidate,accuracy), a .json "
-            "{candidate: accuracy}, or the run/sweep folders that fine-tuned from the candidates."
-        )
+        raise UserError(f"results: {', '.join(missing)} does not exist. Give {FORMS}.")
     by_key = {k: c.name for c in candidates for k in (c.name, c.given, str(c.path))}
     found: dict[str, list[float]] = {}
     unknown = []
@@ -47,19 +44,11 @@ def read_results(cfg: DictConfig, candidates: list) -> dict[str, list[float]]:
         if source.is_dir():
             pairs = _results_from_runs(cfg, source, {c.digest: c.name for c in candidates if c.path})
         elif source.suffix == ".csv":
-            with open(source, newline="") as f:
-                pairs = [(r["candidate"], float(r["accuracy"])) for r in csv.DictReader(f)]
+            pairs = _results_from_csv(source)
         elif source.suffix == ".json":
-            pairs = [
-                (k, float(a))
-                for k, v in json.loads(source.read_text()).items()
-                for a in (v if isinstance(v, list) else [v])
-            ]
+            pairs = _results_from_json(source)
         else:
-            raise UserError(
-                f"results={source}: give a .csv (candidate,accuracy), a .json {{candidate: accuracy}}, "
-                "or run/sweep folders."
-            )
+            raise UserError(f"results={source}: give {FORMS}.")
         for key, acc in pairs:
             if key in by_key:
                 found.setdefault(by_key[key], []).append(acc)
@@ -75,11 +64,81 @@ def read_results(cfg: DictConfig, candidates: list) -> dict[str, list[float]]:
     return found
 
 
+def _accuracy(value, where: str) -> float:
+    """A fine-tuned accuracy: a finite number, a fraction or a percent (tau and r do not depend on the scale, so
+    long as one scale is used throughout)."""
+    number = value
+    if isinstance(value, str):  # a CSV cell
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise UserError(
+            f"{where}: the accuracy {json.dumps(value)} is not a finite number. Give each fine-tuned accuracy as a "
+            "number (e.g. 0.41 or 41.0), and leave out a candidate whose fine-tuning failed."
+        )
+    return float(number)
+
+
+def _results_from_csv(path: Path) -> list[tuple[str, float]]:
+    """(candidate, accuracy) per row; a spreadsheet's byte-order mark and spaces after the commas are allowed."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            if not {"candidate", "accuracy"} <= set(reader.fieldnames or ()):
+                raise UserError(
+                    f"results={path}: its first row is {','.join(reader.fieldnames or ['(empty)'])}, not the header "
+                    f"candidate,accuracy. Give {FORMS}."
+                )
+            return [
+                (
+                    (r["candidate"] or "").strip(),
+                    _accuracy(r["accuracy"] or "", f"results={path} line {reader.line_num}"),
+                )
+                for r in reader
+            ]
+    except UnicodeDecodeError:
+        raise UserError(f"results={path} is not a text file. Give {FORMS}.") from None
+
+
+def _results_from_json(path: Path) -> list[tuple[str, float]]:
+    """(candidate, accuracy) per accuracy of a JSON object {candidate: accuracy or [accuracies]}."""
+    try:
+        given = json.loads(path.read_bytes())
+    except ValueError as err:
+        raise UserError(f"results={path} is not valid JSON ({err}). Give {FORMS}.") from None
+    if not isinstance(given, dict):
+        raise UserError(f"results={path} holds a JSON {type(given).__name__}, not an object. Give {FORMS}.")
+    return [
+        (k, _accuracy(a, f"results={path} key {k!r}"))
+        for k, v in given.items()
+        for a in (v if isinstance(v, list) else [v])
+    ]
+
+
+def read_manifest(path: Path) -> dict:
+    """A run folder's manifest.json ({} when there is none); one cut short or not an object is named, not a
+    traceback."""
+    try:
+        manifest = read_json(path)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"not valid JSON ({err})"
+    else:
+        if manifest is None or isinstance(manifest, dict):
+            return manifest or {}
+        problem = f"a JSON {type(manifest).__name__}, not an object"
+    raise UserError(
+        f"{path} is {problem}: not a run's manifest. It was cut short (a full disk, a killed copy) or edited: leave "
+        "that run folder out, or run it again."
+    )
+
+
 def _results_from_runs(cfg: DictConfig, folder: Path, by_digest: dict[str, str]) -> list[tuple[str, float]]:
     """Runs (folder itself, or its job folders) whose `results_stage` checkpoint has a candidate's content."""
     pairs = []
     for manifest_path in sorted({*folder.glob("manifest.json"), *folder.glob("*/manifest.json")}):
-        manifest = read_json(manifest_path)
+        manifest = read_manifest(manifest_path)
         entry = manifest.get("stages", {}).get(cfg.results_stage, {})
         metric = report.summarise(manifest.get("stages", {}))["metrics"].get(cfg.results_metric)
         ckpt = manifest_path.parent / entry["best_ckpt"] if entry.get("best_ckpt") else None
@@ -92,16 +151,32 @@ def _results_from_runs(cfg: DictConfig, folder: Path, by_digest: dict[str, str])
 
 
 def correlations(rows: list[dict]) -> dict:
-    scored = [r for r in rows if r["finetuned_acc"] is not None]
-    acc = [r["finetuned_acc"] for r in scored]
-    return {
-        s: {
-            "kendall_tau": kendall_tau_b([r[s] for r in scored], acc),
-            "pearson_r": pearson_r([r[s] for r in scored], acc),
-            "n": len(scored),
+    """Each score's Kendall tau-b and Pearson r against the fine-tuned accuracy, over the candidates whose score and
+    accuracy are both finite (`n`, per score: a diverged candidate's NaN or a missing accuracy leaves that one out,
+    not every correlation NaN). From fewer than MIN_PAIRS pairs tau and r are None (null in ranking.json, `n < 3`
+    in the table) and a warning says so: two points always give +-1, which is no evidence."""
+    out = {}
+    for s in SCORES:
+        pairs = [
+            (r[s], r["finetuned_acc"])
+            for r in rows
+            if r["finetuned_acc"] is not None and math.isfinite(r[s]) and math.isfinite(r["finetuned_acc"])
+        ]
+        x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+        enough = len(pairs) >= MIN_PAIRS
+        out[s] = {
+            "kendall_tau": kendall_tau_b(x, y) if enough else None,
+            "pearson_r": pearson_r(x, y) if enough else None,
+            "n": len(pairs),
         }
-        for s in SCORES
-    }
+    few = [f"{s} (n = {v['n']})" for s, v in out.items() if v["n"] < MIN_PAIRS]
+    if few:
+        log.warning(
+            "Not correlated, fewer than %d candidates with both a finite score and a fine-tuned accuracy: %s.",
+            MIN_PAIRS,
+            ", ".join(few),
+        )
+    return out
 
 
 COLUMNS = [
@@ -132,8 +207,10 @@ def write_tables(run_dir: Path, out: dict) -> None:
     lines += ["| " + " | ".join(fmt(r[k]) for k in shown) + " |" for r in rows]
     if out["correlations"]:
         lines += ["", "| score | Kendall tau-b | Pearson r | n |", "|---|---|---|---|"]
+        few = f"n < {MIN_PAIRS}"
         lines += [
-            f"| {s} | {fmt(v['kendall_tau'])} | {fmt(v['pearson_r'])} | {v['n']} |"
+            f"| {s} | {fmt(v['kendall_tau']) if v['n'] >= MIN_PAIRS else few} | "
+            f"{fmt(v['pearson_r']) if v['n'] >= MIN_PAIRS else few} | {v['n']} |"
             for s, v in out["correlations"].items()
         ]
     text = (

@@ -1,9 +1,10 @@
 """Speed settings chosen from the machine a run is on, never assumed.
 
 `precision=auto` (the default) resolves, per trainer preset, to:
-- CPU: `bf16-mixed` only when the CPU computes bf16 natively (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo):
-  there the ConvNet's step ran ~1.5x faster under bf16 autocast; on a CPU without them bf16 is emulated and
-  the same step ran ~7x slower (65 vs 430 img/s). Otherwise `32-true`.
+- CPU: `32-true` on every CPU. bf16 autocast on a CPU is a different path per CPU (emulated, and many times
+  slower, without avx512_bf16/amx_bf16; native with them), so a CPU default that followed the flags would run a
+  configuration the test suite runs only on some machines; `precision=bf16-mixed` opts in. Why, with the
+  figures: docs/performance.md (precision on a CPU).
 - GPU: `bf16-mixed` when the GPU supports bf16 (torch.cuda.is_bf16_supported), else `32-true`.
 Any explicit value (`32-true`, `16-mixed`, `bf16-mixed`, ...) is used as given.
 
@@ -18,7 +19,7 @@ a stage's hash (trainer config).
 
 from pathlib import Path
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # recorded by the benchmarks, next to their bf16 figures
 NHWC_CPU_FLAGS = ("avx2", "avx512f")
 
 
@@ -35,13 +36,8 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def native_bf16(flags: set[str] | None = None) -> bool:
-    flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
-
-
-def resolve_precision(precision, accelerator="cpu", flags: set[str] | None = None) -> str:
-    """`precision=auto` -> the precision that is fastest at equal accuracy on this machine (see module doc)."""
+def resolve_precision(precision, accelerator="cpu") -> str:
+    """`precision=auto` -> `32-true` on a CPU, `bf16-mixed` on a GPU that supports it (see module doc)."""
     precision = str(precision)
     if precision != "auto":
         return precision
@@ -49,8 +45,6 @@ def resolve_precision(precision, accelerator="cpu", flags: set[str] | None = Non
         import torch  # only here: the config is composed before anything heavy is imported
 
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    if str(accelerator) == "cpu":
-        return "bf16-mixed" if native_bf16(flags) else "32-true"
     return "32-true"
 
 
