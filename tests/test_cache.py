@@ -115,3 +115,35 @@ def test_a_stage_with_its_own_seed_is_trained_once_across_run_seeds(tmp_path):
     assert b["pretrain"]["config"]["seed"] == 1 and b["source"]["config"]["seed"] == 0
     run(compose_config(tmp_path / "c", [*TINY, "~stages.scratch", "~stages.finetune", "seed=1"]))
     assert not manifest(tmp_path / "c")["source"]["cached"]  # without its own seed the source follows the run's
+
+
+def test_a_given_checkpoint_replaced_by_another_of_the_same_size_is_not_served_from_the_cache(tmp_path):
+    """`result_ckpt` entered the stage hash as path + size, `init_ckpt` as the path alone: a file replaced by
+    another checkpoint of the same size (another seed's) had the stages trained from the old weights reused."""
+    only_source = [*TINY, "~stages.scratch", "~stages.finetune", "~stages.pretrain"]
+    run(compose_config(tmp_path / "a", [*only_source, "seed=0"]))
+    run(compose_config(tmp_path / "b", [*only_source, "seed=1"]))
+    given = tmp_path / "given.ckpt"
+    other = tmp_path / "b" / "source" / "checkpoints" / "best.ckpt"
+    (given).write_bytes((tmp_path / "a" / "source" / "checkpoints" / "best.ckpt").read_bytes())
+    assert given.stat().st_size == other.stat().st_size and given.read_bytes() != other.read_bytes()
+    uses = {
+        "result_ckpt": [f"stages.source.result_ckpt={given}", "~stages.finetune", "objective=pretrain/test/acc"],
+        "init_ckpt": [
+            "~stages.source",
+            "stages.pretrain.init=null",
+            f"stages.pretrain.init_ckpt={given}",
+            "~stages.finetune",
+            "objective=pretrain/test/acc",
+        ],
+    }
+    for use, overrides in uses.items():
+        given.write_bytes((tmp_path / "a" / "source" / "checkpoints" / "best.ckpt").read_bytes())
+        run(compose_config(tmp_path / f"{use}-1", [*TINY, "~stages.scratch", *overrides]))
+        given.write_bytes(other.read_bytes())  # same path, same size, other weights
+        run(compose_config(tmp_path / f"{use}-2", [*TINY, "~stages.scratch", *overrides]))
+        first, second = manifest(tmp_path / f"{use}-1"), manifest(tmp_path / f"{use}-2")
+        assert not second["pretrain"]["cached"], use  # trained again from the new weights
+        assert second["pretrain"]["config_hash"] != first["pretrain"]["config_hash"], use
+        run(compose_config(tmp_path / f"{use}-3", [*TINY, "~stages.scratch", *overrides]))
+        assert manifest(tmp_path / f"{use}-3")["pretrain"]["cached"], use  # the same file's stage is reused

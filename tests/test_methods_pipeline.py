@@ -122,3 +122,30 @@ def test_each_ready_recipe_runs_end_to_end(tmp_path):
         assert {"l2sp": "train/l2sp" in header, "bss": "train/bss" in header}.get(recipe, True), (recipe, header)
         if recipe == "discriminative":
             assert {"lr-SGD/conv1", "lr-SGD/head"} <= set(header)
+
+
+def test_adamw_runs_in_the_recipes_without_momentum_and_is_refused_up_front_in_those_with(tmp_path):
+    """`optimizer.name=adamw` failed in every shipped recipe (the default stage's SGD `momentum: 0.0` reached
+    AdamW) after the earlier stages had trained; now an SGD option that is off is left out for AdamW, and one that
+    is set (sgd_momentum, strong) is refused before anything trains."""
+    for recipe in ("mission", "lp_ft", "l2sp", "bss", "discriminative", "sgd_momentum", "strong"):
+        cfg = compose_config(tmp_path / recipe, [*TINY, f"recipe={recipe}", "stages.finetune.optimizer.name=adamw"])
+        if recipe in ("sgd_momentum", "strong"):
+            with pytest.raises(UserError, match="stages.finetune.optimizer.name=adamw .AdamW. takes no momentum"):
+                validate(cfg)
+        else:
+            validate(cfg)
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            *TINY,
+            "~stages.scratch",
+            "stages.finetune.optimizer.name=adamw",
+            "+stages.finetune.optimizer.betas=[0.8,0.9]",
+        ],
+    )
+    run(cfg)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["finetune"]["status"] == "done"
+    states = load_checkpoint(tmp_path / "run" / "finetune" / "checkpoints" / "last.ckpt")["optimizer_states"]
+    [group] = states[0]["param_groups"]
+    assert group["betas"] == (0.8, 0.9) and "momentum" not in group  # AdamW, with the given betas

@@ -34,7 +34,26 @@ BAD_VALUES = [
     (["stages.finetune.optimizer.lr=-0.1"], "stages.finetune.optimizer.lr must be a positive number, got -0.1."),
     (
         ["stages.source.optimizer.momentum=abc"],
-        'stages.source.optimizer.momentum must be a number of at least 0, got "abc".',
+        'stages.source.optimizer.momentum must be a number in [0, 1), got "abc".',
+    ),
+    # issue 19 (third round of hostile testing): accepted before, and trained on
+    (["stages.source.optimizer.momentum=1.5"], "stages.source.optimizer.momentum must be a number in [0, 1), got 1.5."),
+    (
+        ["stages.finetune.scheduler.name=step", "+stages.finetune.scheduler.gamma=-1"],
+        "stages.finetune.scheduler.gamma must be a number in (0, 1], got -1.",
+    ),
+    (
+        ["stages.finetune.scheduler.name=step", "+stages.finetune.scheduler.step_size=abc"],
+        'stages.finetune.scheduler.step_size must be a whole number of at least 1, got "abc".',
+    ),
+    (["seed=4294967296"], "seed must be a whole number from 0 to 4294967295, got 4294967296."),
+    (
+        ["stages.finetune.unfreeze_every=2", "stages.finetune.epochs=2"],
+        "stages.finetune.unfreeze_every=2 with stages.finetune.epochs=2: no block would ever be unfrozen",
+    ),
+    (
+        ["recipe=sgd_momentum", "stages.finetune.optimizer.name=adamw"],
+        "stages.finetune.optimizer.name=adamw (AdamW) takes no momentum (set to 0.9): set it to 0 or remove it",
     ),
     (["stages.source.optimizer.name=adam"], "stages.source.optimizer.name='adam' is unknown; available: sgd, adamw."),
     (
@@ -42,7 +61,7 @@ BAD_VALUES = [
         "stages.pretrain.scheduler.name='cosin' is unknown; available: none, cosine, step.",
     ),
     (["data.batch_size=abc"], 'data.batch_size must be a whole number of at least 1, got "abc".'),
-    (["stages.source.seed=-1"], "stages.source.seed must be null or a whole number of at least 0, got -1."),
+    (["stages.source.seed=-1"], "stages.source.seed must be null or a whole number from 0 to 4294967295, got -1."),
     (["data.batch_size=0"], "data.batch_size must be a whole number of at least 1, got 0."),
     (["data.batch_size=true"], "data.batch_size must be a whole number of at least 1, got true."),
     (
@@ -92,7 +111,11 @@ BAD_VALUES = [
         "objective='gain/acc' is not a metric this run will produce "
         "(gain/<metric> is gain.compare=finetune minus gain.baseline=scratch",
     ),
-    (["gain.compare=finetun", "objective=gain/acc"], "gain.compare=finetun minus gain.baseline=scratch: both must be"),
+    (
+        ["gain.compare=finetun"],
+        "gain.compare='finetun' is not a stage of this run (did you mean finetune?); stages: source, pretrain, "
+        "finetune, scratch.",
+    ),
     (
         ["stages.source.result_ckpt=/x.ckpt", "objective=source/test/acc"],
         "objective='source/test/acc' is not a "
@@ -118,7 +141,7 @@ BAD_VALUES = [
     (["channels_last=maybe"], "channels_last='maybe' is not a choice: give channels_last=auto | true | false."),
     (["compile=1"], "compile=1 is not a choice: give compile=true | false."),
     (["data.target.eval_batch_size=fast"], "data.target.eval_batch_size must be a whole number >= 1, auto"),
-    (["seed=-1"], "seed must be a whole number of at least 0, got -1."),
+    (["seed=-1"], "seed must be a whole number from 0 to 4294967295, got -1."),
     # renamed: the old name is refused with the new one
     (["recipe=seed"], "recipe=seed was renamed recipe=mission: use recipe=mission instead."),
     (

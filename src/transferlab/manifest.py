@@ -48,6 +48,8 @@ class StageRecord:
 
     @classmethod
     def from_json(cls, data, where: str = "") -> "StageRecord":
+        """A record as written by `to_json`; anything else (a hand edit, a file cut short) is a ValueError naming
+        the field, so that no later step trips over a null checkpoint or a string where a list belongs."""
         names = {f.name for f in fields(cls)}
         if not isinstance(data, dict) or data.get("status") not in STATUSES or set(data) - names:
             found = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
@@ -55,7 +57,38 @@ class StageRecord:
                 f"{where}is not a stage record (status one of {', '.join(STATUSES)}; "
                 f"unexpected: {found or data.get('status')!r})"
             )
+        for name, value in data.items():
+            if not _TYPES[name](value):
+                raise ValueError(f"{where}has {name}={value!r}, which a stage record cannot hold")
+        if data["status"] == "done" and not (data.get("best_ckpt") and isinstance(data.get("test"), dict)):
+            raise ValueError(f"{where}is done but names no best checkpoint or test metrics")
         return cls(**data)
+
+
+_optional = lambda *types: lambda v: v is None or (isinstance(v, types) and not isinstance(v, bool))
+_number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+_TYPES = {  # field -> what its JSON value may be
+    "status": lambda v: v in STATUSES,
+    "task": _optional(str),
+    "config_hash": _optional(str),
+    "config": _optional(dict),
+    "attempts": lambda v: isinstance(v, list) and all(isinstance(a, int) and not isinstance(a, bool) for a in v),
+    "init": _optional(str),
+    "best_ckpt": _optional(str),
+    "last_ckpt": _optional(str),
+    "best_val": lambda v: v is None or _number(v),
+    "epochs": _optional(int),
+    "splits": _optional(dict),
+    "data": _optional(dict),
+    "test": lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()),
+    "wall_time_s": _number,
+    "provenance": _optional(dict),
+    "reason": _optional(str),
+    "given_ckpt": lambda v: isinstance(v, bool),
+    "cached": lambda v: isinstance(v, bool),
+    "cached_from": _optional(str),
+    "trained_in": _optional(str),
+}
 
 
 class Manifest:

@@ -59,7 +59,14 @@ def check(name: str, stage, model_name: str) -> None:
         if not test(opts[key]):
             raise UserError(f"{where}.{key}={opts[key]!r}: must be {what}.")
     if model_name in BLOCKS:  # an unknown model is named when it is built
-        resolve_trainable(opts["trainable"], model_name, f"{where}.trainable")
+        trainable = resolve_trainable(opts["trainable"], model_name, f"{where}.trainable")
+        every, epochs = opts["unfreeze_every"], stage.get("epochs")
+        if every and isinstance(epochs, int) and every >= epochs and len(trainable) > 1:
+            raise UserError(
+                f"{where}.unfreeze_every={every} with {where}.epochs={epochs}: no block would ever be unfrozen, so "
+                f"the stage would only train its top block ({trainable[-1]}). Use unfreeze_every < epochs (e.g. "
+                f"{max(1, epochs // len(trainable))}), or trainable=head for a linear probe."
+            )
     scheduler = OmegaConf.to_container(stage.scheduler, resolve=True) if "scheduler" in stage else {}
     check_scheduler(scheduler, f"{where}.scheduler")
     if scheduler.get("warmup_epochs", 0) >= stage.get("epochs", 1) and scheduler.get("warmup_epochs", 0):

@@ -1,11 +1,13 @@
 """The optimizer of a stage: parameter groups (discriminative learning rates, weight decay without norms and
 biases) and the learning-rate schedule (warm-up, then none | cosine | step; per epoch or per step)."""
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
+from transferlab.checks import is_number, number, whole_number
 from transferlab.errors import UserError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
@@ -43,18 +45,36 @@ def param_groups(
     return groups
 
 
-def build_optimizer(groups: list[dict], cfg: dict) -> torch.optim.Optimizer:
-    """`cfg`: name (sgd | adamw) and the optimizer's own keyword arguments (lr, momentum, nesterov, ...)."""
+def optimizer_options(cfg: dict, key: str = "optimizer") -> tuple[type, dict]:
+    """(torch optimizer class, its keyword arguments) for `cfg`: name (sgd | adamw) and the optimizer's own
+    arguments (lr, momentum, nesterov, weight_decay, betas, ...). The default stage lists SGD's `momentum: 0.0`, so
+    that a recipe can set it: an option another optimizer does not take is dropped where it is off (0, false)
+    and refused, with the ones it takes, where it is set. Validation calls this for every stage before training."""
     cfg = dict(cfg)
     name = cfg.pop("name", "sgd")
     if name not in OPTIMIZERS:
-        raise UserError(f"Unknown optimizer.name={name!r}; available: {', '.join(OPTIMIZERS)}.")
-    if cfg.get("lr", 0) <= 0:
-        raise UserError(f"optimizer.lr must be positive, got {cfg.get('lr')}.")
+        raise UserError(f"Unknown {key}.name={name!r}; available: {', '.join(OPTIMIZERS)}.")
+    if not is_number(cfg.get("lr")) or cfg["lr"] <= 0:
+        raise UserError(f"{key}.lr must be a positive number, got {cfg.get('lr')!r}.")
+    cls = OPTIMIZERS[name]
+    takes = [p for p in inspect.signature(cls).parameters if p != "params"]
+    cfg = {k: v for k, v in cfg.items() if k in takes or v not in (0, 0.0, False, None)}
+    unknown = sorted(set(cfg) - set(takes))
+    if unknown:
+        raise UserError(
+            f"{key}.name={name} ({cls.__name__}) takes no {', '.join(unknown)} (set to {cfg[unknown[0]]!r}): set it "
+            f"to 0 or remove it, or use an optimizer that has it. {cls.__name__} takes: {', '.join(takes)}."
+        )
+    return cls, cfg
+
+
+def build_optimizer(groups: list[dict], cfg: dict) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` (see `optimizer_options`) over the parameter groups."""
+    cls, options = optimizer_options(cfg)
     try:
-        return OPTIMIZERS[name](groups, **cfg)
+        return cls(groups, **options)
     except (TypeError, ValueError) as err:
-        raise UserError(f"optimizer {cfg} does not fit torch's {OPTIMIZERS[name].__name__}: {err}") from None
+        raise UserError(f"optimizer {dict(cfg)} does not fit torch's {cls.__name__}: {err}") from None
 
 
 def lr_factor(cfg: dict, total: int, per_epoch: float):
@@ -99,6 +119,6 @@ def check_scheduler(cfg: dict, key: str = "scheduler") -> None:
         raise UserError(f"{key}.name={cfg.get('name')!r} is unknown; available: {', '.join(SCHEDULES)}.")
     if cfg.get("interval", "epoch") not in ("epoch", "step"):
         raise UserError(f"{key}.interval={cfg.get('interval')!r}: use epoch or step (when the lr changes).")
-    warmup = cfg.get("warmup_epochs", 0)
-    if not isinstance(warmup, (int, float)) or warmup < 0:
-        raise UserError(f"{key}.warmup_epochs must be a number of epochs >= 0, got {warmup!r}.")
+    number(f"{key}.warmup_epochs", cfg.get("warmup_epochs", 0), 0, math.inf)
+    whole_number(f"{key}.step_size", cfg.get("step_size", 1))  # epochs between two steps of `step`
+    number(f"{key}.gamma", cfg.get("gamma", 0.1), 0, 1, low_open=True)  # the factor on the lr at each step

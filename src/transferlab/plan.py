@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab import __version__
 from transferlab.errors import UserError
+from transferlab.fileio import file_digest
 from transferlab.manifest import StageRecord
 
 NEW_HEAD_DRAW = "own stream (seed, stage name)"  # since the new head stopped replaying the source head's init
@@ -48,7 +49,9 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
         path = Path(stage.result_ckpt).expanduser()
         return {
             f"stages.{name}.result_ckpt": str(path.resolve()),
-            f"stages.{name}.result_ckpt (file size)": path.stat().st_size if path.is_file() else None,
+            f"stages.{name}.result_ckpt (content sha256)": _digest(path, f"stages.{name}.result_ckpt")
+            if path.is_file()
+            else None,
         }
     config = {
         "transferlab version": __version__,
@@ -60,9 +63,22 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None) -> dict:
         f"stages.{stage.init} (the init stage's config hash)": upstream,
         "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
     }
+    if stage.get("init_ckpt"):  # the file's content, not only its path: a replaced file is another stage
+        config[f"stages.{name}.init_ckpt (content sha256)"] = _digest(
+            Path(stage.init_ckpt).expanduser(), f"stages.{name}.init_ckpt"
+        )
     if (stage.init or stage.get("init_ckpt")) and stage.init_head == "new":
         config["new head"] = NEW_HEAD_DRAW  # a key only where it applies: the other stages' hashes stay as they were
     return config
+
+
+def _digest(path: Path, key: str) -> str:
+    try:
+        return file_digest(path)
+    except OSError as err:
+        raise UserError(
+            f"{key}={path} cannot be read ({err.strerror}): let this user read it, or give another file."
+        ) from None
 
 
 def stage_seed(cfg: DictConfig, stage) -> int:

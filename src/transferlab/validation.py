@@ -7,8 +7,8 @@ of epochs. What needs the data itself (empty splits, labels out of range) is che
 `pipeline.Datasets` builds them, still before the first training step.
 """
 
+import difflib
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -16,10 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import methods
+from transferlab.checks import MAX_SEED, choice, number, show, whole_number
 from transferlab.data.splits import check_class_list, check_settings
 from transferlab.errors import UserError
 from transferlab.models import BACKBONES, INPUT_SIZES
-from transferlab.optim import OPTIMIZERS
+from transferlab.optim import OPTIMIZERS, optimizer_options
 from transferlab.report import METRICS
 
 # Old names -> new ones. Each old name stays in conf/ as a null placeholder (or, for a group option, a file that
@@ -44,11 +45,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.name={cfg.model.get('name')!r} is unknown; available: {', '.join(BACKBONES)}.")
     check_image_size(cfg, tasks)
     check_gain(cfg)
-    whole_number("seed", cfg.seed, minimum=0)
+    whole_number("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     whole_number("reference_batch_size", cfg.reference_batch_size)
     for key in ("cache", "scale_lr"):
         if not isinstance(cfg[key], bool):
-            raise UserError(f"{key} must be true or false, got {_show(cfg[key])}.")
+            raise UserError(f"{key} must be true or false, got {show(cfg[key])}.")
     check_trainer(cfg.trainer)
 
 
@@ -63,40 +64,8 @@ def validate_eval(cfg: DictConfig) -> None:
     if cfg.task not in _tasks(cfg.data):
         raise UserError(f"task={cfg.task!r}: the data config has tasks {' and '.join(_tasks(cfg.data))}.")
     check_data(cfg.data, {cfg.task})
-    whole_number("seed", cfg.seed, minimum=0)
+    whole_number("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     check_trainer(cfg.trainer)
-
-
-# -- types ---------------------------------------------------------------------------------------------
-def whole_number(key: str, value, minimum: int = 1, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(
-            f"{key} must be {'null or ' if optional else ''}a whole number of at least {minimum}, got {_show(value)}."
-        )
-
-
-def number(
-    key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False, optional: bool = False
-) -> None:
-    """A real number in a range (bools and strings refused); the range as written in the message."""
-    if optional and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        if high == float("inf"):
-            span = "a positive number" if low == 0 and low_open else f"a number of at least {low:g}"
-        else:
-            span = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise UserError(f"{key} must be {'null or ' if optional else ''}{span}, got {_show(value)}.")
-
-
-def choice(key: str, value, options) -> None:
-    if value not in options:
-        raise UserError(f"{key}={value!r} is unknown; available: {', '.join(options)}.")
 
 
 def _mapping(key: str, value) -> None:
@@ -191,13 +160,15 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
     if stage.init_head not in INIT_HEADS:
         raise UserError(f"{at}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
     whole_number(f"{at}.epochs", stage.epochs)
-    whole_number(f"{at}.seed", stage.seed, minimum=0, optional=True)
+    whole_number(f"{at}.seed", stage.seed, minimum=0, optional=True, maximum=MAX_SEED)
     _mapping(f"{at}.optimizer", stage.optimizer)
     choice(f"{at}.optimizer.name", stage.optimizer.get("name", "sgd"), OPTIMIZERS)
     number(f"{at}.optimizer.lr", stage.optimizer.get("lr"), 0, float("inf"), low_open=True)
-    for key in ("momentum", "weight_decay"):
-        if key in stage.optimizer:
-            number(f"{at}.optimizer.{key}", stage.optimizer[key], 0, float("inf"))
+    if "momentum" in stage.optimizer:
+        number(f"{at}.optimizer.momentum", stage.optimizer.momentum, 0, 1, high_open=True)
+    if "weight_decay" in stage.optimizer:
+        number(f"{at}.optimizer.weight_decay", stage.optimizer.weight_decay, 0, float("inf"))
+    optimizer_options(OmegaConf.to_container(stage.optimizer, resolve=True), f"{at}.optimizer")  # fits torch's
     _mapping(f"{at}.scheduler", stage.scheduler)
     methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
 
@@ -207,8 +178,15 @@ def check_gain(cfg: DictConfig) -> None:
     if gain is not None and (not isinstance(gain, DictConfig) or set(gain) != {"compare", "baseline"}):
         raise UserError(
             f"gain must be null or have the keys compare and baseline (two stage names: gain/<metric> "
-            f"is compare's test metric minus baseline's), got {_show(gain)}."
+            f"is compare's test metric minus baseline's), got {show(gain)}."
         )
+    for key in ("compare", "baseline") if gain is not None else ():
+        close = difflib.get_close_matches(str(gain[key]), list(cfg.stages), n=1)
+        if gain[key] not in cfg.stages and close:  # a typo; a stage removed on purpose is named under the table
+            raise UserError(
+                f"gain.{key}={gain[key]!r} is not a stage of this run (did you mean {close[0]}?); stages: "
+                f"{', '.join(cfg.stages)}."
+            )
 
 
 def check_objective(cfg: DictConfig) -> None:
@@ -269,11 +247,6 @@ def check_data_module(at: str, node: DictConfig) -> None:
     whole_number(f"{at}.image_size", node.get("image_size", 32))
     classes = node.get("classes")
     check_class_list(at, OmegaConf.to_container(classes) if OmegaConf.is_config(classes) else classes)
-
-
-def _show(value) -> str:
-    """A value as written in YAML or on the command line: true, null, "abc", ["cat", "dog"]."""
-    return json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, default=str)
 
 
 def check_image_size(cfg: DictConfig, tasks) -> None:
