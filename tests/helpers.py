@@ -111,3 +111,24 @@ class SaveInitialHead(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         torch.save(pl_module.head.weight.detach().clone(), Path(trainer.default_root_dir) / "initial_head.pt")
+
+
+class FillDiskAt(L.Callback):
+    """Fill the file system of the run folder (a small tmpfs in the tests) with `<run>/filler` when stage `stage`
+    reaches `hook` (a callback hook name, e.g. on_train_epoch_end: after the epoch's checkpoints were written)."""
+
+    def __init__(self, stage: str, hook: str = "on_train_epoch_end", epoch: int = 0):
+        self.stage, self.epoch = stage, epoch
+        setattr(self, hook, self._fill)
+
+    def _fill(self, trainer, *args, **kwargs):
+        stage_dir = Path(trainer.default_root_dir)
+        if stage_dir.name != self.stage or trainer.current_epoch != self.epoch:
+            return
+        try:
+            with open(stage_dir.parent / "filler", "ab") as f:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+        except OSError:
+            pass

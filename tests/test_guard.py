@@ -15,25 +15,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, SIZES, TINY
 
 from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
 SOURCE_ONLY = [*TINY, "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
+# The same stage with every default as shipped (progress bar, precision=auto, CSV + TensorBoard, stage cache on)
+SOURCE_ONLY_DEFAULTS = [*SIZES, "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
 SCRATCH_ONLY = [*TINY, "~stages.pretrain", "~stages.finetune", "stages.scratch.epochs=1", "objective=scratch/test/acc"]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 ENV.pop("HYDRA_FULL_ERROR", None)
 
 
-def start_and_wait(run_dir: Path, step: int = 20, extra: list[str] = ()) -> subprocess.Popen:
+def start_and_wait(
+    run_dir: Path, step: int = 20, extra: list[str] = (), base: list[str] = SOURCE_ONLY
+) -> subprocess.Popen:
     """Start the CLI (source stage only) and return once it waits at global step `step` of the source stage (14
     steps an epoch: step 20 is in epoch 1, after epoch 0's last.ckpt)."""
     marker = run_dir.parent / f"marker-{run_dir.name}-{time.time_ns()}"
     args = [
         str(Path(sys.executable).parent / "transferlab"),
-        *SOURCE_ONLY,
+        *base,
         *extra,
         f"hydra.run.dir={run_dir}",
         "+callbacks.wait._target_=helpers.MarkAndWaitAtStep",
@@ -109,6 +113,26 @@ def test_sigterm_and_sigint_stop_with_143_and_130_mark_the_stage_interrupted_and
     assert source["status"] == "done" and source["epochs"] == 2 and source["test"]["acc"] > 0
 
 
+def test_with_the_defaults_a_stopped_run_resumes_and_its_stage_reaches_the_cache_once_done(tmp_path):
+    """The same stop and resume as a user runs it (progress bar on, stage cache on): SIGTERM in epoch 1, then a
+    re-run that resumes from last.ckpt; the interrupted stage was not published, the finished one is."""
+    run_dir, cache = tmp_path / "run", tmp_path / "outputs" / "cache" / "stages"
+    proc = start_and_wait(run_dir, base=SOURCE_ONLY_DEFAULTS)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert "stage 'source' is marked interrupted" in error_line(
+        subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 143
+    )
+    assert not list(cache.glob("source-*/entry.json"))  # a partly trained stage is never published
+    env = {**ENV, "TRANSFERLAB_OUTPUT_ROOT": str(tmp_path / "outputs")}
+    done = cli("transferlab", *SOURCE_ONLY_DEFAULTS, f"hydra.run.dir={run_dir}", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr and "source 1/1 · epoch 2/2" in done.stdout
+    source = stages(run_dir)["source"]
+    assert source["status"] == "done" and source["epochs"] == 2 and source["attempts"] == [1, 2]
+    assert len(list(cache.glob("source-*/entry.json"))) == 1
+
+
 # -- one writer per run folder -----------------------------------------------------------------------------
 def test_second_run_into_a_folder_in_use_is_refused_and_a_killed_holder_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
@@ -131,6 +155,36 @@ def test_second_run_into_a_folder_in_use_is_refused_and_a_killed_holder_does_not
     after = cli("transferlab", *SOURCE_ONLY, f"hydra.run.dir={run_dir}")
     assert after.returncode == 0, after.stderr[-3000:]
     assert "resuming from" in after.stdout + after.stderr and stages(run_dir)["source"]["status"] == "done"
+
+
+def test_deleting_the_lock_file_of_a_running_run_does_not_let_a_second_one_in(tmp_path):
+    """`rm .transferlab.lock` (by hand, a clean-up script) while a run holds it: a second run took a new lock file
+    and trained into the same folder, both exiting 0. The owner file names the live holder: refused."""
+    run_dir = tmp_path / "run"
+    holder = start_and_wait(run_dir)
+    try:
+        (run_dir / ".transferlab.lock").unlink()
+        second = cli("transferlab", *SOURCE_ONLY, f"hydra.run.dir={run_dir}")
+        line = error_line(second, 2)
+        assert f"is in use by another transferlab run (host {socket.gethostname()}, PID {holder.pid}," in line
+        assert "whose lock file .transferlab.lock was deleted while it runs" in line
+        assert holder.poll() is None and stages(run_dir)["source"]["attempts"] == [1]
+        assert json.loads((run_dir / ".transferlab.owner.json").read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.communicate()
+    # a PID that is alive but is not the holder (the PID reused after a reboot, another program) does not block
+    owner = run_dir / ".transferlab.owner.json"
+    info = json.loads(owner.read_text())
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        owner.write_text(json.dumps({**info, "pid": sleeper.pid}))
+        after = cli("transferlab", *SOURCE_ONLY, f"hydra.run.dir={run_dir}")
+        assert after.returncode == 0, after.stderr[-3000:]
+        assert stages(run_dir)["source"]["status"] == "done"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 # -- checkpoints verified before use -------------------------------------------------------------------------

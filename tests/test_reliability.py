@@ -376,7 +376,10 @@ def test_full_disk_while_writing_a_checkpoint(after_source):
     proc = transferlab(run_dir, "+callbacks.full._target_=helpers.DiskFullInStage", "+callbacks.full.stage=pretrain")
     folder = run_dir / "pretrain" / "checkpoints"
     assert_user_error(
-        proc, f"No space left to write checkpoint {folder}/", f"free space in {folder}", "re-run into the same folder"
+        proc,
+        f"The disk holding {folder}/",
+        "is full (No space left on device). Free space on it",
+        f"re-run the same command into the same folder (hydra.run.dir={run_dir})",
     )
     stages = source_intact()  # also: no partial *.tmp left
     assert stages["pretrain"]["status"] == "failed" and "No space left" in stages["pretrain"]["reason"]

@@ -7,7 +7,6 @@ system, otherwise a copy that a kill can cut short. Writing the temporary file n
 the final `os.replace` a rename on every local file system.
 """
 
-import errno
 import io
 import pickle
 import zipfile
@@ -18,9 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transferlab.errors import UserError
-from transferlab.fileio import atomic_write, write_synced
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+from transferlab.fileio import DISK_FULL, atomic_write, write_synced
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,12 +29,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, buffer.getbuffer(), write=self._write)
         except OSError as err:
-            if err.errno in DISK_FULL:
-                raise UserError(
-                    f"No space left to write checkpoint {path} ({err.strerror}): free space in "
-                    f"{path.parent} or point paths.output_root at a larger disk, then re-run into the same "
-                    f"folder (hydra.run.dir=...) to resume; the checkpoints written before are intact."
-                ) from None
+            if err.errno in DISK_FULL:  # the checkpoint's name, not its temporary file's: the CLI says what to free
+                raise OSError(err.errno, err.strerror, str(path)) from None
             raise
 
     def load_checkpoint(self, path, *args, **kwargs) -> dict:

@@ -1,7 +1,9 @@
 """File safety in one place: whole-or-absent writes (temporary file in the same folder, fsync, rename) and
 inter-process locks (`filelock`). Checkpoints, the manifest and both caches use these, nothing else."""
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,8 +23,12 @@ __all__ = [
     "lock",
     "copy_file",
     "writable_dir",
+    "file_digest",
+    "disk_full",
     "Timeout",
 ]
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def atomic_write(path: str | Path, data: bytes | str | memoryview, write=None) -> None:
@@ -120,3 +126,21 @@ def writable_dir(path: str | Path, what: str) -> None:
             f"{what} {path} cannot be written to ({err.strerror}: {err.filename}): point it at a "
             "folder you can write (a path whose parents are folders, not files)."
         ) from None
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's content (hex): what identifies a file that determines a result."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def disk_full(err: BaseException | None) -> OSError | None:
+    """The out-of-space OSError (ENOSPC, EDQUOT, EFBIG) behind `err`, following its causes and contexts: libraries
+    wrap it (TensorBoard's logger raises a ValueError "you tried to log ... not supported" from it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

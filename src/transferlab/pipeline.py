@@ -60,10 +60,20 @@ def run(cfg: DictConfig) -> dict:
         manifest = Manifest.load(run_dir)
         results = run_stages(cfg, run_dir, manifest, attempt)
     except BaseException as err:
-        attempts.end(run_dir, attempt, manifest.trained_by(attempt) if manifest else [], err)
+        trained = manifest.trained_by(attempt) if manifest else []
+        _keep_going("the attempt's outcome.json", attempts.end, run_dir, attempt, trained, err)
         raise
     attempts.end(run_dir, attempt, manifest.trained_by(attempt), None)
     return results
+
+
+def _keep_going(what: str, write, *args) -> None:
+    """A record written on the way out of a failure (the disk may be full): if it cannot be written, say so and let
+    the failure itself be reported."""
+    try:
+        write(*args)
+    except OSError as err:
+        log.warning("Could not write %s on the way out (%s)", what, err)
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, manifest: Manifest, attempt: int) -> dict:
@@ -91,7 +101,13 @@ def run_stages(cfg: DictConfig, run_dir: Path, manifest: Manifest, attempt: int)
         try:
             record = obtain_stage(cfg, plan, folder, data)
         except (Exception, *INTERRUPTIONS) as err:  # a signal marks the stage `interrupted`, an error `failed`
-            manifest.record(plan.name, failed(plan, folder, err, status=outcome(err, plan.name)))
+            # with a full disk the manifest keeps `running` and the hash and attempts it trains under: a re-run resumes
+            _keep_going(
+                "the stage's failure in manifest.json",
+                manifest.record,
+                plan.name,
+                failed(plan, folder, err, status=outcome(err, plan.name)),
+            )
             raise
         manifest.record(plan.name, record)
     stages = {name: record.to_json() for name, record in manifest.stages.items()}
@@ -142,12 +158,28 @@ def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: "Dat
             if record is None:
                 record = train_stage(cfg, plan, folder, data.take(plan.stage.task))
                 if rank_zero_only.rank == 0:
-                    cache.publish(plan.name, plan.hash, folder.dir, record)
+                    publish(cache, plan, folder.dir, record)
                 return record
     log.info(
         "Stage %s: reused from the stage cache (%s, trained in %s)", plan.name, record.cached_from, record.trained_in
     )
     return record
+
+
+def publish(cache: StageCache | NoCache, plan: StagePlan, run_dir: Path, record: StageRecord) -> None:
+    """Offer a trained stage to the stage cache; a cache folder that is full (or gone read-only) costs the reuse,
+    never the stage, which is done in this run's folder."""
+    try:
+        cache.publish(plan.name, plan.hash, run_dir, record)
+    except OSError as err:
+        log.warning(
+            "Stage %s is done but could not be added to the stage cache (%s: %s): later runs will train it again. "
+            "Free space in %s (or set cache=false).",
+            plan.name,
+            err.strerror,
+            err.filename,
+            cache.dir,
+        )
 
 
 def _rank_zero_decides(value):

@@ -41,12 +41,21 @@ def hold(run_dir: str | Path):
             "(hydra.run.dir=...)."
         ) from None
     owner = run_dir / OWNER
+    if _live_owner(owner):  # its lock file was deleted (by hand, a clean-up script) while it runs
+        held.release()
+        attempts.restore_latest(run_dir)
+        raise UserError(
+            f"{run_dir} is in use by another transferlab run ({_describe(owner)}), whose lock file {LOCK} was "
+            "deleted while it runs. One run writes into a folder at a time: wait for it to end (or stop it), or "
+            "run into another folder (hydra.run.dir=...)."
+        )
     try:
         write_json_atomic(
             owner,
             {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "started": _start_time(os.getpid()),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": sys.argv,
             },
@@ -55,6 +64,36 @@ def hold(run_dir: str | Path):
     finally:
         owner.unlink(missing_ok=True)
         held.release()
+
+
+def _live_owner(owner: Path) -> bool:
+    """Whether the owner file names another process of this host that is still running (the same PID and start
+    time: a PID reused by another program is not the run). A holder on another host cannot be checked from here:
+    there only the lock file protects the folder."""
+    try:
+        info = read_json(owner)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname() or info.get("pid") == os.getpid():
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return info.get("started") is None or info.get("started") == _start_time(pid)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat), or None where there is no /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _describe(owner: Path) -> str:
