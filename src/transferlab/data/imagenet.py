@@ -38,6 +38,8 @@ class _FixedClassImageNet(ImageNet):
     def find_classes(self, directory):
         return self._classes, {c: i for i, c in enumerate(self._classes)}
 
+    make_dataset = staticmethod(FixedClassFolder.make_dataset)  # each real folder once: no symlink loops
+
 
 class ImageNetDataModule(ClassificationDataModule):
     """Class subsets are taken when scanning the folders (`classes`: first N, or a list of wnids)."""
@@ -119,6 +121,11 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def load_split(self, split: str):
         split = "train" if split == "train" else "val"
+        if split == "val" and self._folder("val").resolve() == self._folder("train").resolve():
+            raise UserError(
+                f"{self._folder('val')} is {self._folder('train')} (a symlink): the test split would be the training "
+                "images. Point val/ at the validation images (the ILSVRC-2012 val set)."
+            )
         loader = ImageLoader(self.skip_corrupt, self.key)
         try:
             if self.resolved_layout() == "folder":
