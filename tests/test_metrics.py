@@ -79,3 +79,17 @@ def test_train_metrics_equal_lightnings_per_step_logging():
     assert set(old) == set(new) == {"train/loss", "train/acc"}
     for key in old:
         assert float(new[key]) == pytest.approx(float(old[key]), rel=1e-6, abs=1e-7), key
+
+
+def test_auroc_averages_the_classes_the_split_holds():
+    """A class absent from the evaluated split (present in train) has no AUROC: torchmetrics' macro mean counted it
+    as 0, and a perfect classifier reported 0.667 on a 3-class test set without class 2."""
+    target = torch.tensor([0, 0, 1, 1, 0, 1])
+    logits = torch.nn.functional.one_hot(target, 3).float() * 5
+    metrics = EvalMetrics(num_classes=3)
+    metrics.update(logits, target)
+    values = metrics.compute()
+    assert values["auroc"] == 1.0 and values["f1"] == 1.0 and values["acc"] == 1.0
+    one_class = EvalMetrics(num_classes=3)
+    one_class.update(logits[:2], target[:2])  # only class 0: no class has both positives and negatives
+    assert torch.isnan(one_class.compute()["auroc"])

@@ -167,6 +167,11 @@ def test_the_gain_compares_the_stages_named_in_the_config(finished_run, tmp_path
     flat = run(compose_config(run_dir, [*TINY, "gain.compare=pretrain"]))["metrics"]
     assert flat["gain/acc"] == pytest.approx(flat["pretrain/test/acc"] - flat["scratch/test/acc"])
     assert "**Transfer gain** (pretrain − scratch, test accuracy)" in (run_dir / "results.md").read_text()
+    # a gain stage that is not in the run: the line says why it is missing (it was dropped without a word)
+    flat = run(compose_config(run_dir, [*TINY, "gain.baseline=source"]))["metrics"]
+    assert "gain/acc" in flat  # source was tested too (another task: the user's choice)
+    run(compose_config(run_dir, [*TINY, "gain.baseline=extra"]))
+    assert "No transfer gain: gain.baseline=extra is not a stage of this run" in (run_dir / "results.md").read_text()
 
 
 def test_a_new_head_is_its_own_draw_not_a_replay_of_the_source_heads_init(tmp_path):

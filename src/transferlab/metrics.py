@@ -38,9 +38,23 @@ class EvalMetrics(Metric):
             "loss": F.cross_entropy(logits, target),
             "acc": multiclass_accuracy(probs, target, n, average="micro", validate_args=False),
             "acc_top5": multiclass_accuracy(probs, target, n, top_k=min(5, n), average="micro", validate_args=False),
-            "f1": multiclass_f1_score(probs, target, n, average="macro", validate_args=False),
-            "auroc": multiclass_auroc(probs, target, n, average="macro", validate_args=False),
+            "f1": multiclass_f1_score(probs, target, n, average="macro", validate_args=False),  # absent classes skipped
+            "auroc": macro_auroc(probs, target, n),
         }
+
+
+def macro_auroc(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The mean one-vs-rest AUROC over the classes the evaluated split holds (with positives and negatives): a
+    class absent from it has no AUROC, and torchmetrics' macro mean counted it as 0 (a perfect classifier scored
+    0.667 on a 3-class test set that lacked one class). NaN when no class qualifies."""
+    counts = torch.bincount(target, minlength=num_classes)
+    present = (counts > 0) & (counts < len(target))
+    if not present.any():
+        return torch.tensor(float("nan"), device=probs.device)
+    with warnings.catch_warnings():  # torchmetrics warns, anonymously, of each class without positives
+        warnings.simplefilter("ignore", UserWarning)
+        per_class = multiclass_auroc(probs, target, num_classes, average=None, validate_args=False)
+    return per_class[present].mean()
 
 
 class TrainMetrics(Metric):

@@ -39,14 +39,26 @@ def table(results: dict) -> str:
             + f" | {s.get('epochs', '')} | {s.get('wall_time_s', '')} s |"
         )
     gain = results["metrics"].get("gain/acc")
+    names = results.get("gain") or {}
     if gain is not None:
-        names = results.get("gain") or {"compare": "finetune", "baseline": "scratch"}
         lines += [
             "",
             f"**Transfer gain** ({names['compare']} − {names['baseline']}, test accuracy): "
             f"**{gain * 100:+.2f} points**",
         ]
+    elif names.get("compare") or names.get("baseline"):  # the gain line was dropped: say why
+        lines += ["", f"No transfer gain: {_no_gain(stages, names)} (gain=null leaves this line out)."]
     return "\n".join(lines) + "\n"
+
+
+def _no_gain(stages: dict, names: dict) -> str:
+    for key in ("compare", "baseline"):
+        stage = stages.get(names.get(key))
+        if stage is None:
+            return f"gain.{key}={names.get(key)} is not a stage of this run"
+        if not stage.get("test"):
+            return f"gain.{key}={names.get(key)} was not tested ({stage.get('status')})"
+    return "the stages have no test accuracy"
 
 
 def write(run_dir: Path, results: dict) -> None:

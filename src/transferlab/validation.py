@@ -181,7 +181,7 @@ def check_gain(cfg: DictConfig) -> None:
             f"is compare's test metric minus baseline's), got {show(gain)}."
         )
     for key in ("compare", "baseline") if gain is not None else ():
-        close = difflib.get_close_matches(str(gain[key]), list(cfg.stages), n=1)
+        close = difflib.get_close_matches(str(gain[key]), list(cfg.stages), n=1, cutoff=0.8)
         if gain[key] not in cfg.stages and close:  # a typo; a stage removed on purpose is named under the table
             raise UserError(
                 f"gain.{key}={gain[key]!r} is not a stage of this run (did you mean {close[0]}?); stages: "
