@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, compose_config, run_cli
 from conftest import TINY as TINY_NO_CACHE
 
+from transferlab.errors import UserError
 from transferlab.pipeline import run
 from transferlab.transfer import load_checkpoint
 
@@ -147,3 +149,23 @@ def test_a_given_checkpoint_replaced_by_another_of_the_same_size_is_not_served_f
         assert second["pretrain"]["config_hash"] != first["pretrain"]["config_hash"], use
         run(compose_config(tmp_path / f"{use}-3", [*TINY, "~stages.scratch", *overrides]))
         assert manifest(tmp_path / f"{use}-3")["pretrain"]["cached"], use  # the same file's stage is reused
+
+
+def test_a_cached_checkpoint_replaced_by_another_is_not_handed_on(tmp_path):
+    """A colleague's `cp other.ckpt <cache>/stages/source-<hash>/best.ckpt` (a valid checkpoint, another stage's):
+    it was served as the cached stage. The entry keeps the sha256 of what was published and checks it."""
+    only_source = [*TINY, "~stages.scratch", "~stages.finetune", "~stages.pretrain"]
+    run(compose_config(tmp_path / "a", [*only_source, "seed=0"]))
+    run(compose_config(tmp_path / "b", [*only_source, "seed=1"]))
+    entries = sorted((tmp_path / "cache" / "stages").glob("source-*/entry.json"))
+    assert len(entries) == 2
+    entry = entries[0].parent
+    other = next(e.parent for e in entries if e.parent != entry) / "best.ckpt"
+    cached = entry / "best.ckpt"
+    cached.chmod(0o644)
+    cached.write_bytes(other.read_bytes())  # a whole, valid checkpoint: only its content says it is another
+    trained_in = json.loads((entry / "entry.json").read_text())["trained_in"]
+    seed = json.loads((Path(trained_in) / "manifest.json").read_text())["seed"]
+    with pytest.raises(UserError, match=f"Stage cache entry {entry}: its best.ckpt is not the checkpoint that was"):
+        run(compose_config(tmp_path / "c", [*only_source, f"seed={seed}"]))
+    assert not (tmp_path / "c" / "source" / "checkpoints" / "best.ckpt").exists()

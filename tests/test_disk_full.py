@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli, write_cifar10
+
+from transferlab.data.fingerprint import files_digest
 
 ENV = {"PYTHONPATH": str(REPO / "tests")}  # the test callback helpers.FillDiskAt
 FILL = ["+callbacks.fill._target_=helpers.FillDiskAt", "+callbacks.fill.stage=pretrain"]
@@ -90,3 +92,30 @@ def test_a_full_stage_cache_costs_the_reuse_not_the_stage(tmpfs, tmp_path):
     assert "Stage source is done but could not be added to the stage cache (No space left on device" in out, out
     assert f"Free space in {cache / 'stages'}" in out and "Traceback" not in out
     assert not list((cache / "stages").glob("*/entry.json")) and not list((cache / "stages").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["full", "read-only"])
+def test_a_data_cache_folder_that_cannot_be_written_costs_only_the_index(tmpfs, tmp_path, caplog, kind):
+    """The fingerprint index (which data files were hashed already) lives in the data cache folder; a full or
+    read-only one made every run stop with a traceback (or a 'cannot read <index>' message about the data)."""
+    folder = write_cifar10(tmp_path / "cifar") / "cifar-10-batches-py"
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    cache = tmpfs("cache", 1)
+    if kind == "full":
+        _fill(cache)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    with caplog.at_level("WARNING"):
+        digest = files_digest(files, cache / "data")
+    assert digest == files_digest(files, None)  # the same content hash, without an index
+    assert "Fingerprint index" in caplog.text and "Traceback" not in caplog.text
+
+
+def _fill(folder: Path) -> None:
+    try:
+        with open(folder / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+    except OSError:
+        pass

@@ -337,10 +337,13 @@ def test_checkpoint_path_that_does_not_exist(after_source, tmp_path):
     run_dir, source_intact = after_source
     missing = tmp_path / "nowhere" / "best.ckpt"
     proc = transferlab(run_dir, f"stages.scratch.init_ckpt={missing}", *ONLY_SCRATCH)
-    assert_user_error(proc, f"stages.scratch.init_ckpt={missing}: no such file")
+    assert_user_error(proc, f"stages.scratch.init_ckpt={missing} does not exist. Give the path of a .ckpt")
     assert "scratch" not in source_intact()
     proc = run_cli("transferlab-eval", f"ckpt={missing}", f"hydra.run.dir={tmp_path / 'eval'}", check=False)
     assert_user_error(proc, f"Checkpoint {missing} does not exist")
+    folder = run_dir / "source" / "checkpoints"  # a folder where a file belongs: said so, not "does not exist"
+    proc = transferlab(tmp_path / "given", f"stages.source.result_ckpt={folder}", "objective=pretrain/test/acc")
+    assert_user_error(proc, f"stages.source.result_ckpt={folder} is a folder, not a file: give the path")
 
 
 @pytest.mark.parametrize(

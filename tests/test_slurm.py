@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, SIZES, TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -25,6 +25,7 @@ from transferlab.slurm import check_slurm_tasks
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
+ONE_EPOCH_DEFAULTS = [o for o in SIZES if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"]
 LAUNCH_TIMEOUT_S = 420  # the launcher waits for its jobs; a hung wait fails the test instead of blocking CI
 
@@ -108,7 +109,8 @@ def submitit_results(sweep: Path) -> dict[str, tuple]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_multirun_of_two_jobs_runs_both_on_slurm_and_returns_their_objectives(sweep_dir):
-    proc = launch(*SLURM, "seed=0,1", *ONE_EPOCH, "~stages.scratch", f"hydra.sweep.dir={sweep_dir}")
+    """With the defaults as shipped (progress bar, precision=auto, TensorBoard, stage cache), as a user submits."""
+    proc = launch(*SLURM, "seed=0,1", *ONE_EPOCH_DEFAULTS, "~stages.scratch", f"hydra.sweep.dir={sweep_dir}")
     rc, out, err = finish(proc, sweep_dir)
     assert rc == 0, f"{err[-3000:]}\n{log_tails(sweep_dir)}"
     assert "Submitit 'slurm' sweep output dir" in err + out

@@ -25,6 +25,7 @@ __all__ = [
     "writable_dir",
     "file_digest",
     "disk_full",
+    "not_a_file",
     "Timeout",
 ]
 
@@ -144,3 +145,8 @@ def disk_full(err: BaseException | None) -> OSError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def not_a_file(path: str | Path) -> str:
+    """Why `path` is not a file one can read, as a message says it: 'is a folder, not a file' or 'does not exist'."""
+    return "is a folder, not a file" if Path(path).expanduser().is_dir() else "does not exist"

@@ -24,7 +24,7 @@ from transferlab.callbacks import check_losses
 from transferlab.checkpoint_io import check_resumable
 from transferlab.errors import UserError, user_message
 from transferlab.factories import build, make_trainer
-from transferlab.fileio import writable_dir
+from transferlab.fileio import not_a_file, writable_dir
 from transferlab.interrupt import INTERRUPTIONS, outcome
 from transferlab.manifest import Manifest, StageRecord
 from transferlab.module import ClassifierModule
@@ -196,7 +196,7 @@ def given_checkpoint(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> Sta
     path = Path(plan.stage.result_ckpt).expanduser().resolve()
     if not path.is_file():
         raise UserError(
-            f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} does not exist: give the path "
+            f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} {not_a_file(path)}: give the path "
             "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the "
             "stage."
         )

@@ -1,8 +1,9 @@
 """The stage cache, shared by runs: a stage whose hash (its recipe, data, model, seed, trainer and upstream
-stages) matches an earlier run's is reused, not trained again. (The data cache, `data/cache.py`, is another.)
+stages) matches an earlier run's is reused, not trained again. (The decoded-data cache, `data/decoded_cache.py`, is
+another.)
 
-`<cache_dir>/stages/<stage>-<hash>/` holds the stage's best checkpoint (read-only) and its record, as the run
-that trained it wrote it (its provenance included). It is published whole or not at all (`fileio.atomic_dir`),
+`<cache_dir>/stages/<stage>-<hash>/` holds the stage's best checkpoint (read-only), its sha256 and its record, as
+the run that trained it wrote it (its provenance included). It is published whole or not at all (`fileio.atomic_dir`),
 and fetched by copying the checkpoint into the run folder: a run folder never shares a file (an inode) with the
 cache or another run, so editing one cannot change the others. A lock per hash makes parallel jobs that need
 the same stage train it once: the first trains and publishes, the others wait and reuse it.
@@ -16,8 +17,10 @@ from pathlib import Path
 
 from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
-from transferlab.fileio import atomic_dir, copy_file, lock
+from transferlab.fileio import atomic_dir, copy_file, file_digest, lock
 from transferlab.manifest import StageRecord
+
+DIGEST = "best.ckpt.sha256"  # of the checkpoint as published: a file replaced in the entry is not handed on
 
 
 class StageCache:
@@ -46,6 +49,14 @@ class StageCache:
         verify_checkpoint(entry_dir / "best.ckpt", "cache")  # a damaged entry is named, never handed on
         target = run_dir / name / "checkpoints" / "best.ckpt"
         copy_file(entry_dir / "best.ckpt", target)
+        published = entry_dir / DIGEST
+        if published.is_file() and published.read_text().strip() != file_digest(target):  # none: an older entry
+            target.unlink()
+            raise UserError(
+                f"Stage cache entry {entry_dir}: its best.ckpt is not the checkpoint that was published there (its "
+                "sha256 differs: it was replaced or edited after the stage was cached). Delete that folder (the "
+                "stage is then trained again), or run with cache=false."
+            )
         return replace(
             record,
             best_ckpt=os.path.relpath(target, run_dir),
@@ -62,6 +73,7 @@ class StageCache:
             return
         with atomic_dir(entry_dir) as tmp:
             copy_file(run_dir / record.best_ckpt, tmp / "best.ckpt", read_only=True)
+            (tmp / DIGEST).write_text(file_digest(tmp / "best.ckpt"))
             entry = replace(record, trained_in=str(run_dir.resolve()))
             (tmp / "entry.json").write_text(json.dumps(entry.to_json(), indent=2))
             os.chmod(tmp / "entry.json", 0o444)

@@ -12,6 +12,7 @@ from torch import nn
 
 from transferlab.checkpoint_io import verify_checkpoint
 from transferlab.errors import UserError
+from transferlab.fileio import not_a_file
 from transferlab.module import ClassifierModule
 
 
@@ -21,7 +22,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(
-            f"Checkpoint {path} does not exist: give the path of a .ckpt file "
+            f"Checkpoint {path} {not_a_file(path)}: give the path of a .ckpt file "
             "(e.g. <run>/finetune/checkpoints/best.ckpt)."
         )
     verify_checkpoint(path, "init")

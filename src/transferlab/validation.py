@@ -19,6 +19,7 @@ from transferlab import methods
 from transferlab.checks import MAX_SEED, choice, number, show, whole_number
 from transferlab.data.splits import check_class_list, check_settings
 from transferlab.errors import UserError
+from transferlab.fileio import not_a_file
 from transferlab.models import BACKBONES, INPUT_SIZES
 from transferlab.optim import OPTIMIZERS, optimizer_options
 from transferlab.report import METRICS
@@ -154,7 +155,7 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         )
     if stage.init_ckpt and not Path(str(stage.init_ckpt)).expanduser().is_file():
         raise UserError(
-            f"{at}.init_ckpt={stage.init_ckpt}: no such file. Give the path of a .ckpt "
+            f"{at}.init_ckpt={stage.init_ckpt} {not_a_file(str(stage.init_ckpt))}. Give the path of a .ckpt "
             "(e.g. <run>/source/checkpoints/best.ckpt) or a saved state dict."
         )
     if stage.init_head not in INIT_HEADS:

@@ -50,6 +50,21 @@ def _read_index(index_file: Path) -> dict:
     return {}
 
 
+def _index_lock(index_file: Path):
+    """The index's lock, or None where its folder cannot be written (read-only, full): then no index is kept, and
+    every data file is hashed."""
+    try:
+        held = lock(index_file.with_suffix(".lock"))
+        held.acquire()
+        held.release()
+        return held
+    except OSError as err:
+        log.warning(
+            "Fingerprint index folder %s cannot be written (%s): every data file is hashed", index_file.parent, err
+        )
+        return None
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -70,7 +85,10 @@ def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[l
     if index_dir is not None:
         name = hashlib.sha256(str(Path(top).resolve()).encode()).hexdigest()[:16]
         index_file = Path(index_dir).expanduser() / f"fingerprint-{name}.json"
-    with lock(index_file.with_suffix(".lock")) if index_file else nullcontext():
+    guard = _index_lock(index_file) if index_file else None
+    if guard is None:
+        index_file = None
+    with guard or nullcontext():
         entries = _read_index(index_file) if index_file else {}
         now_ns, changed, hashes, sizes = time.time_ns(), False, [], []
         for path in files:
@@ -88,7 +106,12 @@ def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[l
             hashes.append(digest)
             sizes.append(st.st_size)
         if index_file and changed:
-            atomic_write(index_file, json.dumps({"version": VERSION, "folder": str(top), "files": entries}))
+            try:
+                atomic_write(index_file, json.dumps({"version": VERSION, "folder": str(top), "files": entries}))
+            except OSError as err:  # a full or read-only cache folder: the index is only a cache
+                log.warning(
+                    "Fingerprint index %s not written (%s): the files are hashed again next time", index_file, err
+                )
     return hashes, sizes
 
 
