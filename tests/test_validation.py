@@ -47,6 +47,7 @@ BAD_VALUES = [
         'stages.finetune.scheduler.step_size must be a whole number of at least 1, got "abc".',
     ),
     (["seed=4294967296"], "seed must be a whole number from 0 to 4294967295, got 4294967296."),
+    (["data.source.seed=-1"], "data.source.seed must be a whole number from 0 to 4294967295, got -1."),
     (
         ["stages.finetune.unfreeze_every=2", "stages.finetune.epochs=2"],
         "stages.finetune.unfreeze_every=2 with stages.finetune.epochs=2: no block would ever be unfrozen",

@@ -246,6 +246,7 @@ def check_data_module(at: str, node: DictConfig) -> None:
         node.get("test_fraction", 0.2),
     )
     whole_number(f"{at}.image_size", node.get("image_size", 32))
+    whole_number(f"{at}.seed", node.get("seed", 0), minimum=0, maximum=MAX_SEED)  # its split and augmentation
     classes = node.get("classes")
     check_class_list(at, OmegaConf.to_container(classes) if OmegaConf.is_config(classes) else classes)
 
