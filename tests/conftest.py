@@ -182,3 +182,10 @@ def write_imagenet32(
             with open(root / folder / name, "wb") as f:
                 pickle.dump(entry, f)
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`-n`), the tests that share the one local SLURM cluster run on one worker, in turn."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

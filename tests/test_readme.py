@@ -88,7 +88,10 @@ def as_run(command: str, places: dict[str, str], out: Path) -> list[str]:
     rest += [o for key, extra in NARROWER.items() if key in rest for o in extra]
     rest += builtin_sizes(rest)
     if script == "transferlab":
-        rest += ["trainer.max_epochs_per_stage=1"]
+        rest += [
+            "trainer.max_epochs_per_stage=1",
+            *(f"trainer.limit_{loop}_batches=4" for loop in ("train", "val", "test")),
+        ]
         if any(a.startswith("data.source.root=") for a in rest) and "data=imagenet_cifar10" in rest:
             rest += ["data.source.val_fraction=0.2"]  # 10 images a class: the default 2 % holds out none
     rest += [f"hydra.sweep.dir={out}" if "-m" in rest else f"hydra.run.dir={out}"]

@@ -92,6 +92,7 @@ def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     """With the defaults as shipped (bar, stage cache: the trials share their source and pretrain stages)."""
+    sweep = tmp_path / "sweep"  # outputs/ (the stage cache) beside it
     run_cli(
         "transferlab",
         "-m",
@@ -99,12 +100,12 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
         "hydra.sweeper.n_trials=3",
         *ONE_EPOCH_DEFAULTS,
         "~stages.scratch",
-        f"hydra.sweep.dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
     )
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    best = (sweep / "optimization_results.yaml").read_text()
     assert "stages.finetune.optimizer.lr" in best and "best_value" in best
-    values = [json.loads((tmp_path / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
+    values = [json.loads((sweep / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
     assert f"best_value: {max(values)}" in best
 
 
