@@ -22,7 +22,7 @@ from studylib import write_json
 from torch.nn import functional as F
 
 from transferlab.models import build_backbone
-from transferlab.speed import resolve_channels_last
+from transferlab.train.speed import resolve_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
 

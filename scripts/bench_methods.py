@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from transferlab.module import ClassifierModule
+from transferlab.train.module import ClassifierModule
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here: training_step's logging is a no-op
 

@@ -211,7 +211,12 @@ def run_cli(args, cifar: Path, tmp: Path, n: int, bar: bool) -> dict:
     reader = threading.Thread(target=lambda: _drain(master, drained), daemon=True)
     reader.start()
     start = time.time()
-    command = [sys.executable, "-m", "transferlab.cli", *overrides]  # the console script's code, installed or not
+    command = [
+        sys.executable,
+        "-m",
+        "transferlab.commands.main",
+        *overrides,
+    ]  # the console script's code, installed or not
     proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, timeout=7200)
     wall = time.time() - start
     os.close(slave)
@@ -243,7 +248,7 @@ def plain_loop(args, cifar: Path, tmp: Path) -> dict:
     from transferlab.data.base import auto_eval_batch
     from transferlab.data.inputs import random_crop_flip
     from transferlab.models import build_backbone
-    from transferlab.speed import resolve_channels_last, resolve_precision
+    from transferlab.train.speed import resolve_channels_last, resolve_precision
 
     device = torch.device(args.device)
     accelerator = "gpu" if device.type == "cuda" else "cpu"

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from transferlab import provenance  # noqa: E402
-from transferlab.module import ClassifierModule  # noqa: E402
-from transferlab.transferability import h_score, logme  # noqa: E402
+from transferlab.analysis.transferability import h_score, logme  # noqa: E402
+from transferlab.train.module import ClassifierModule  # noqa: E402
 
 
 def write_candidates(folder: Path, n: int = 5) -> list[Path]:
@@ -51,7 +51,7 @@ def run_rank(candidates: list[Path], images: int, out: Path, cache: Path) -> dic
     cmd = [
         sys.executable,
         "-m",
-        "transferlab.rank",
+        "transferlab.commands.rank",
         f"candidates=[{','.join(map(str, candidates))}]",
         f"data.target.train_per_class={per_class}",
         "data.target.val_fraction=0",

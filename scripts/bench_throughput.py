@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from transferlab.models import build_backbone
-from transferlab.speed import NATIVE_BF16_FLAGS, cpu_flags
+from transferlab.train.speed import NATIVE_BF16_FLAGS, cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"convnet": {"name": "convnet"}, "resnet18": {"name": "resnet18", "small_input": True}}

@@ -28,7 +28,7 @@ from studylib import (
     transferlab,
 )
 
-from transferlab.sweep_report import collect
+from transferlab.analysis.sweep_report import collect
 
 METHODS = {
     "mission": "the mission's recipe",

@@ -101,7 +101,7 @@ def main() -> None:
         "seed=0",
         f"hydra.run.dir={rank_dir}",
         *extra,
-        module="transferlab.rank",
+        module="transferlab.commands.rank",
         log=out / "rank.log",
     )
     ranking = json.loads((rank_dir / "ranking.json").read_text()) if (rank_dir / "ranking.json").is_file() else {}

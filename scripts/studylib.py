@@ -34,11 +34,11 @@ def has_config(group: str, name: str) -> bool:
     return (REPO / "conf" / group / f"{name}.yaml").is_file()
 
 
-def transferlab(*args: str, log: Path | None = None, module: str = "transferlab.cli") -> tuple[int, float]:
-    """Run `transferlab` (or `module`, e.g. transferlab.rank) in a new process, this checkout's code, as a user
+def transferlab(*args: str, log: Path | None = None, module: str = "transferlab.commands.main") -> tuple[int, float]:
+    """Run `transferlab` (or `module`, e.g. transferlab.commands.rank) in a new process, this checkout's code, as a user
     runs the console script; its output goes to `log` (or the terminal). -> (exit code, seconds)."""
     command = [sys.executable, "-m", module, *args]
-    print("+", module.replace("transferlab.cli", "transferlab"), " ".join(args), flush=True)
+    print("+", module.replace("transferlab.commands.main", "transferlab"), " ".join(args), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     start = time.time()
     if log:
@@ -52,7 +52,7 @@ def transferlab(*args: str, log: Path | None = None, module: str = "transferlab.
 
 def environment() -> dict:
     """Machine, versions and code: where the numbers come from (as each run's manifest records them)."""
-    from transferlab import provenance
+    from transferlab.core import provenance
 
     info = provenance.collect()
     info["load_average_at_start"] = os.getloadavg()

@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from transferlab.cli import CONF_DIR
+import transferlab.commands.common  # noqa: F401  (registers the config's resolvers, as every console script does)
+from transferlab import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 # The team's real-data copy (CIFAR-10, an ImageNet sample): ../shared/data beside the checkout, or wherever

@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO, compose_config, run_cli
 from conftest import TINY as TINY_NO_CACHE
 
-from transferlab.errors import UserError
-from transferlab.pipeline import run
-from transferlab.transfer import load_checkpoint
+from transferlab.core.errors import UserError
+from transferlab.run.pipeline import run
+from transferlab.train.weights import load_checkpoint
 
 TINY = [o for o in TINY_NO_CACHE if o != "cache=false"]
 

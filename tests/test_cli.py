@@ -68,24 +68,24 @@ def test_cli_prints_the_results_table_and_writes_the_run_folder(cli_run):
 
 def test_the_process_ends_right_after_its_last_line(cli_run):
     """Python's module teardown took 1.25 s after the results table (torch and Lightning loaded): the console
-    scripts now end once the atexit handlers have run (transferlab.entry)."""
+    scripts now end once the atexit handlers have run (transferlab.commands.common)."""
     run_dir, proc, ended_after = cli_run
     assert "Transfer gain" in proc.stdout.rstrip().splitlines()[-1]
     assert ended_after < 0.6, f"the process ended {ended_after:.2f} s after its last line"
-    assert "Loaded model weights" in (run_dir / "cli.log").read_text()  # the log file was flushed and closed
+    assert "Loaded model weights" in (run_dir / "transferlab.log").read_text()  # the log file was flushed and closed
 
 
 def test_console_scripts_exit_as_sys_exit_would(tmp_path):
-    """transferlab.entry.run: the exit status of sys.exit (a message is printed, status 1), atexit handlers run,
-    threads that are not daemons finish, buffered output is written."""
+    """transferlab.commands.common.script: the exit status of sys.exit (a message is printed, status 1), atexit
+    handlers run, threads that are not daemons finish, buffered output is written."""
     program = f"""
 import atexit, sys, threading, time
 from pathlib import Path
-from transferlab.entry import run
+from transferlab.commands.common import script
 atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
 threading.Thread(target=lambda: (time.sleep(0.3), Path({str(tmp_path / "thread")!r}).write_text("done"))).start()
 print("buffered, no newline", end="")
-run(lambda: sys.exit(sys.argv[1] if sys.argv[1] != "3" else 3))
+script(lambda: sys.exit(sys.argv[1] if sys.argv[1] != "3" else 3))
 """
     for code, status in (("3", 3), ("the reason", 1)):
         proc = subprocess.run([sys.executable, "-c", program, code], capture_output=True, text=True, timeout=60)

@@ -6,7 +6,7 @@ import pytest
 from conftest import compose_config, run_cli
 from omegaconf import OmegaConf
 
-from transferlab.cli import CONF_DIR
+from transferlab import CONF_DIR
 
 GROUPS = ["data", "model", "recipe", "trainer", "logger", "callbacks", "paths", "experiment", "debug"]
 

@@ -60,7 +60,7 @@ def test_verbose_shows_every_lightning_line(console_run, tmp_path):
     assert proc.stdout.count("GPU available") == 2 and proc.stdout.count("Restoring states from the checkpoint") == 2
     assert "[lightning.pytorch.utilities.rank_zero][INFO]" in proc.stdout
     # the run's log file keeps every line whatever the console shows
-    assert (run_dir / "cli.log").read_text().count("GPU available") == 2
+    assert (run_dir / "transferlab.log").read_text().count("GPU available") == 2
 
 
 @pytest.mark.parametrize("verbose", ["false", "true"])
@@ -81,7 +81,7 @@ def test_an_error_is_printed_once_and_kept_in_the_log_file(tmp_path, verbose):
     message = f"CIFAR-10 not found at {missing}"
     assert (proc.stdout + proc.stderr).count(message) == 1, proc.stdout + proc.stderr
     assert f"transferlab: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
-    assert message in (run_dir / "cli.log").read_text()  # the run's log file keeps it
+    assert message in (run_dir / "transferlab.log").read_text()  # the run's log file keeps it
 
 
 def test_lightnings_stepping_batches_line_stays_off_the_console(tmp_path):
@@ -90,13 +90,13 @@ def test_lightnings_stepping_batches_line_stays_off_the_console(tmp_path):
     per_step = ["stages.source.scheduler.name=cosine", "stages.source.scheduler.interval=step"]
     proc = run_cli("transferlab", *TWO_STAGES, *per_step, f"hydra.run.dir={run_dir}")
     assert "estimate number of stepping batches" not in proc.stdout + proc.stderr
-    assert "estimate number of stepping batches" in (run_dir / "cli.log").read_text()
+    assert "estimate number of stepping batches" in (run_dir / "transferlab.log").read_text()
 
 
 def test_the_bar_redraws_by_time_not_by_step():
     import time
 
-    from transferlab.console import StageProgressBar
+    from transferlab.core.console import StageProgressBar
 
     bar = StageProgressBar("source 1/4", refresh_per_second=2)
     assert bar._due(1, 100)  # the first step draws
@@ -116,7 +116,7 @@ def test_stopping_the_bar_does_not_wait_out_a_redraw_interval(monkeypatch):
     from lightning.pytorch.callbacks.progress.rich_progress import CustomProgress
     from torch.utils.data import DataLoader, TensorDataset
 
-    from transferlab.console import StageProgressBar
+    from transferlab.core.console import StageProgressBar
 
     waits, stop = [], CustomProgress.stop
 

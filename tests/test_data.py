@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_shared_data, write_cifar10, write_imagenet
 
+from transferlab.core.errors import UserError
 from transferlab.data import BuiltinDataModule, CIFAR10DataModule, ImageNetDataModule
 from transferlab.data.inputs import random_crop_flip
 from transferlab.data.splits import stratified_split
-from transferlab.errors import UserError
 
 
 def batches(loader):

@@ -15,9 +15,9 @@ import torch
 from conftest import REPO, compose_config, write_cifar10
 from PIL import Image
 
+from transferlab.core.errors import UserError
 from transferlab.data import CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule, ImageNetDataModule
-from transferlab.errors import UserError
-from transferlab.factories import build
+from transferlab.train.factories import build
 
 
 def cifar(tmp_path, **kwargs) -> CIFAR10DataModule:
@@ -64,8 +64,8 @@ def test_fingerprint_rerun_reads_only_changed_files(tmp_path, monkeypatch):
     monkeypatch.setattr(fingerprint, "RACY_S", 0.0)  # files changed just now are indexed too
     cifar(tmp_path).fingerprint()
     read = []
-    real = fingerprint._sha256
-    monkeypatch.setattr(fingerprint, "_sha256", lambda p: read.append(Path(p).name) or real(p))
+    real = fingerprint.file_digest
+    monkeypatch.setattr(fingerprint, "file_digest", lambda p: read.append(Path(p).name) or real(p))
     old = 1_000_000_000
     for f in (tmp_path / "c10" / "cifar-10-batches-py").iterdir():
         os.utime(f, ns=(old, old))  # older than the racy window: indexed from now on
@@ -151,7 +151,7 @@ def test_an_unreadable_folder_is_not_called_empty(tmp_path, dataset):
         (root / "train" / "n02").chmod(0)
         module = "ImageFolderDataModule" if dataset == "image_folder" else "ImageNetDataModule"
         proc = run_as_nobody(
-            f"from transferlab.data import {module}\nfrom transferlab.errors import UserError\n"
+            f"from transferlab.data import {module}\nfrom transferlab.core.errors import UserError\n"
             f"try:\n    {module}(root='{root}').setup()\nexcept UserError as e:\n    print(e)"
         )
         assert f"Cannot read class folder {root / 'train' / 'n02'}: permission denied" in proc.stdout, proc.stderr
@@ -169,7 +169,7 @@ def test_an_unreadable_cifar_file_is_not_called_corrupt():
         (folder / "data_batch_2").chmod(0)
         proc = run_as_nobody(
             "from transferlab.data import CIFAR10DataModule\n"
-            "from transferlab.errors import UserError\n"
+            "from transferlab.core.errors import UserError\n"
             f"try:\n    CIFAR10DataModule(root='{base}', val_fraction=0.5).setup()\n"
             "except UserError as e:\n    print(e)"
         )
@@ -316,7 +316,7 @@ def test_device_resident_under_a_real_trainer(tmp_path):
     import lightning as L
 
     from transferlab.data import BuiltinDataModule
-    from transferlab.module import ClassifierModule
+    from transferlab.train.module import ClassifierModule
 
     dm = BuiltinDataModule(task="target", train_per_class=10, test_per_class=5, batch_size=8, device_resident=True)
     module = ClassifierModule(

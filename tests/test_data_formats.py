@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import REPO, SHARED_DATA, needs_shared_data, write_imagenet, write_imagenet32
 
+from transferlab.core.errors import UserError
 from transferlab.data import DownsampledImageNetDataModule, ImageNetDataModule
 from transferlab.data.inputs import Rows
-from transferlab.errors import UserError
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 

@@ -16,6 +16,7 @@ import torch
 from conftest import TINY, compose_config, run_cli, write_cifar10, write_imagenet32
 from PIL import Image
 
+from transferlab.core.errors import UserError
 from transferlab.data import (
     BuiltinDataModule,
     CIFAR10DataModule,
@@ -26,9 +27,8 @@ from transferlab.data import (
 )
 from transferlab.data.files import ImageLoader
 from transferlab.data.fingerprint import RACY_S
-from transferlab.errors import UserError
-from transferlab.factories import build
-from transferlab.pipeline import run
+from transferlab.run.pipeline import run
+from transferlab.train.factories import build
 
 
 # -- pickles that would run code ---------------------------------------------------------------------

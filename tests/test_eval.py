@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, run_cli
 from test_validation import in_process
 
-from transferlab import cli
+from transferlab.commands import evaluate as eval_command
 
 ONLY_SOURCE = [*TINY, "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
 SOURCE_DATA = [o for o in TINY if o.startswith("data.")]
@@ -60,7 +60,10 @@ def test_a_damaged_or_edited_checkpoint_is_one_message(source_ckpt, tmp_path, ca
     path = tmp_path / "given.ckpt"
     torch.save(spoil(torch.load(source_ckpt, weights_only=True), how), path)
     proc = in_process(
-        cli.evaluate, capsys, monkeypatch, [f"ckpt={path}", "task=source", *SOURCE_DATA, f"hydra.run.dir={tmp_path}"]
+        eval_command.main,
+        capsys,
+        monkeypatch,
+        [f"ckpt={path}", "task=source", *SOURCE_DATA, f"hydra.run.dir={tmp_path}"],
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert CASES[how] in proc.stderr, proc.stderr

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import REPO, SIZES, TINY
 
-from transferlab.checkpoint_io import verify_checkpoint
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
+from transferlab.train.checkpoint_files import verify_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 SOURCE_ONLY = [*TINY, "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
@@ -295,7 +295,7 @@ def test_given_and_init_checkpoints_that_are_not_checkpoints(tmp_path):
 # -- verify_checkpoint on each kind of bad file (no CLI: the messages, fast) -------------------------------------
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory) -> Path:
-    from transferlab.module import ClassifierModule
+    from transferlab.train.module import ClassifierModule
 
     module = ClassifierModule(model={"name": "convnet"}, num_classes=3, optimizer={"name": "sgd", "lr": 0.1})
     path = tmp_path_factory.mktemp("genuine") / "genuine.ckpt"

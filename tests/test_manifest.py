@@ -7,8 +7,8 @@ import shutil
 import pytest
 from conftest import TINY, run_cli
 
-from transferlab.errors import UserError
-from transferlab.manifest import Manifest
+from transferlab.core.errors import UserError
+from transferlab.run.manifest import Manifest
 
 ONLY_SOURCE = [*TINY, "~stages.pretrain", "~stages.finetune", "~stages.scratch", "objective=source/test/acc"]
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab import regularizers
-from transferlab.finetuning import block_names
-from transferlab.module import ClassifierModule
+from transferlab.train import regularizers
+from transferlab.train.finetuning import block_names
+from transferlab.train.module import ClassifierModule
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 CONVNET, RESNET18 = {"name": "convnet"}, {"name": "resnet18", "small_input": True}

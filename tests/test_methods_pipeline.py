@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import REPO, TINY, compose_config, run_cli
 
-from transferlab import methods
-from transferlab.errors import UserError
-from transferlab.module import ClassifierModule
-from transferlab.pipeline import run
-from transferlab.transfer import load_checkpoint
-from transferlab.validation import validate
+from transferlab.config.validation import validate
+from transferlab.core.errors import UserError
+from transferlab.run.pipeline import run
+from transferlab.train import methods
+from transferlab.train.module import ClassifierModule
+from transferlab.train.weights import load_checkpoint
 
 CONVNET = {"name": "convnet"}
 

@@ -9,8 +9,8 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
-from transferlab.metrics import EvalMetrics
-from transferlab.module import ClassifierModule
+from transferlab.train.metrics import EvalMetrics
+from transferlab.train.module import ClassifierModule
 
 
 def per_step_metrics(num_classes: int) -> MetricCollection:

@@ -5,9 +5,9 @@ import torch
 import torchvision
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 from transferlab.models import build_backbone
-from transferlab.module import ClassifierModule
+from transferlab.train.module import ClassifierModule
 
 SGD = {"name": "sgd", "lr": 0.01}
 

@@ -113,7 +113,7 @@ def test_an_install_without_extras_runs_the_pipeline(bare_install, tmp_path):
     python, env = bare_install
     args = [a for a in TINY if a != "trainer.enable_progress_bar=false"]
     proc = subprocess.run(
-        [str(python), "-m", "transferlab.cli", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        [str(python), "-m", "transferlab.commands.main", *args, f"hydra.run.dir={tmp_path / 'run'}"],
         env={**env, "TRANSFERLAB_OUTPUT_ROOT": str(tmp_path / "outputs")},
         capture_output=True,
         text=True,
@@ -129,7 +129,9 @@ def test_without_the_optuna_extra_nothing_imports_scipy(bare_install):
     """The start-up saving the extra exists for: torchmetrics imports scipy.signal (0.9 s) wherever scipy is
     installed, and only optuna brings it."""
     python, env = bare_install
-    program = "import sys, lightning, transferlab.cli, transferlab.pipeline; print('scipy' in sys.modules)"
+    program = (
+        "import sys, lightning, transferlab.commands.main, transferlab.run.pipeline; print('scipy' in sys.modules)"
+    )
     proc = subprocess.run([str(python), "-c", program], env=env, capture_output=True, text=True, check=True)
     assert proc.stdout.split()[-1] == "False"
 
@@ -140,7 +142,7 @@ def test_a_search_without_the_optuna_extra_says_what_to_install(bare_install, tm
     python, env = bare_install
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run(
-        [str(python), "-m", "transferlab.cli", "-m", search, f"hydra.sweep.dir={sweep_dir}"],
+        [str(python), "-m", "transferlab.commands.main", "-m", search, f"hydra.sweep.dir={sweep_dir}"],
         env=env,
         capture_output=True,
         text=True,

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferlab.errors import UserError
-from transferlab.module import ClassifierModule
-from transferlab.pipeline import run
-from transferlab.transfer import init_from_checkpoint, load_checkpoint
+from transferlab.core.errors import UserError
+from transferlab.run.pipeline import run
+from transferlab.train.module import ClassifierModule
+from transferlab.train.weights import init_from_checkpoint, load_checkpoint
 
 
 def backbone_state(path) -> dict:

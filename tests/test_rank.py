@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import TINY, compose_config, run_cli, write_imagenet
 
-from transferlab.errors import UserError
-from transferlab.transferability import SCORES, h_score, kendall_tau_b, leep, logme, logme_fit, nce, pearson_r
+from transferlab.analysis.transferability import SCORES, h_score, kendall_tau_b, leep, logme, logme_fit, nce, pearson_r
+from transferlab.core.errors import UserError
 
 RNG = np.random.default_rng(0)
 
@@ -100,7 +100,7 @@ TARGET = [o for o in TINY if o.startswith(("data.target", "data.source.source_cl
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A tiny `transferlab` run: its source stage and its finetune checkpoint are the candidates."""
-    from transferlab.pipeline import run
+    from transferlab.run.pipeline import run
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     run(
@@ -133,7 +133,7 @@ def rank_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 def refused(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> str:
     """The console script's function in this process (argv as a user types it) exits 2 with one error line and no
     traceback: that line."""
-    from transferlab.rank import main
+    from transferlab.commands.rank import main
 
     argv = [*TARGET, *overrides, f"hydra.run.dir={tmp_path / 'r'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     monkeypatch.setattr(sys, "argv", ["transferlab-rank", *argv])
@@ -181,7 +181,7 @@ def test_rank_command_end_to_end(tiny_run, tmp_path):
     assert len(list((tmp_path / "cache" / "rank").glob("*.npz"))) == 3
 
     # again, in-process: every candidate's features come from the cache, the scores are the same
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     cfg = compose_config(
         tmp_path / "again",
@@ -206,12 +206,18 @@ def test_rank_refuses_bad_input_with_one_message_and_exit_2(tiny_run, tmp_path, 
     cut = tmp_path / "cut_run"
     (cut / "source" / "checkpoints").mkdir(parents=True)
     (cut / "manifest.json").write_text((tiny_run / "manifest.json").read_text()[:300])
+    edited = tmp_path / "edited_run"  # a hand edit: the source stage done, but its best checkpoint nulled
+    (edited / "source" / "checkpoints").mkdir(parents=True)
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    manifest["stages"]["source"]["best_ckpt"] = None
+    (edited / "manifest.json").write_text(json.dumps(manifest))
     cases = {
         f"candidates=[{tmp_path / 'missing.ckpt'},random]": "does not exist",
         f"candidates=[{tmp_path / 'other_arch.ckpt'}]": "do not fit the model",
         f"candidates=[{tmp_path / 'newer.ckpt'}]": "option_of_a_newer_version",
         f"candidates=[{tmp_path / 'tensor.pt'}]": "is not a transferlab ClassifierModule checkpoint",
-        f"candidates=[{cut}]": f"{cut / 'manifest.json'} is not valid JSON",
+        f"candidates=[{cut}]": f"{cut / 'manifest.json'} is not a transferlab manifest",
+        f"candidates=[{edited}]": "stage 'source' is done but names no best checkpoint",
         "candidates=[]": "No candidates",
     }
     for override, message in cases.items():
@@ -219,7 +225,7 @@ def test_rank_refuses_bad_input_with_one_message_and_exit_2(tiny_run, tmp_path, 
 
 
 def test_rank_refuses_a_plain_state_dict_and_unmatched_results(tiny_run, tmp_path):
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
     compose = lambda *o: compose_config(tmp_path / "r", [*TARGET, *o], config_name="rank")
@@ -235,7 +241,7 @@ def test_results_from_a_sweep_folder_match_candidates_by_checkpoint_content(tiny
     when the folder holding the run (as a sweep folder holds its jobs) is given as results."""
     import shutil
 
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     copy = tmp_path / "elsewhere" / "source_model.ckpt"
     copy.parent.mkdir()
@@ -255,7 +261,7 @@ def test_features_are_cached_per_image_size(tiny_run, tmp_path):
     """The cache key covers what sets the pixels (image size, normalisation, loader), not only the files: the same
     images at 64 px are not served the 32-px features, and the ConvNet, which takes 32x32 only, is refused at 64 px
     with one message instead of being ranked from the cache."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     ckpt = tiny_run / "source" / "checkpoints" / "best.ckpt"
     data = [
@@ -305,14 +311,14 @@ def test_a_diverged_checkpoint_scores_nan_and_stays_out_of_the_correlations(tiny
     assert all(np.isnan(rows["diverged"][s]) for s in SCORES) and rows["diverged"]["finetuned_acc"] == 0.9
     assert all(np.isfinite(rows[n][s]) for n in ("src", "ft", "random") for s in SCORES)
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "not finite" in line]
-    assert len(warnings) == 1 and "WARNING" in warnings[0] and "Candidate diverged:" in warnings[0], warnings
+    assert len(warnings) == 1 and warnings[0].startswith("warning: Candidate diverged:"), warnings  # one plain line
     assert {v["n"] for v in report["correlations"].values()} == {3}
     logmes = [rows[n]["logme"] for n in ("src", "ft", "random")]
     assert report["correlations"]["logme"]["kendall_tau"] == pytest.approx(kendall_tau_b(logmes, [0.5, 0.7, 0.2]))
 
 
 def test_correlations_use_the_finite_pairs_of_each_score_and_none_from_fewer_than_3(caplog):
-    from transferlab.rank_results import correlations
+    from transferlab.analysis.rank_results import correlations
 
     def row(name, score, acc):
         return {"candidate": name, **dict.fromkeys(SCORES, score), "finetuned_acc": acc}
@@ -335,7 +341,7 @@ def test_correlations_use_the_finite_pairs_of_each_score_and_none_from_fewer_tha
 
 def test_two_results_give_no_correlation_but_say_why(tiny_run, tmp_path, caplog):
     """Two candidates with a result: tau and r would be +-1 whatever the scores; the table says `n < 3` instead."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     (tmp_path / "acc.csv").write_text("candidate,accuracy\nrun,0.6\nrandom,0.2\n")
     cfg = compose_config(
@@ -369,12 +375,13 @@ def test_bad_results_files_are_one_message_naming_the_file(tiny_run, tmp_path, m
     (sweep / "0").mkdir(parents=True)
     (sweep / "0" / "manifest.json").write_text((tiny_run / "manifest.json").read_text()[:500])
     line = one_line_exit_2(rank_cli(tmp_path, "candidates=[random]", f"results={sweep}"))
-    assert f"{sweep / '0' / 'manifest.json'} is not valid JSON" in line and "leave that run folder out" in line
+    assert f"{sweep / '0' / 'manifest.json'} is not a transferlab manifest" in line
+    assert "Leave that run folder out" in line
 
 
 def test_a_csv_saved_by_a_spreadsheet_is_read(tiny_run, tmp_path):
     """A byte-order mark before the header and spaces after the commas (a spreadsheet's "CSV UTF-8")."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     (tmp_path / "acc.csv").write_text("\ufeffcandidate, accuracy\r\nrandom, 0.25\r\n", encoding="utf-8")
     cfg = compose_config(
@@ -409,7 +416,7 @@ def test_rank_settings_are_checked_before_anything_runs(tmp_path, monkeypatch, c
 
 def test_a_checkpoint_from_before_the_rename_is_ranked(tiny_run, tmp_path):
     """Checkpoints saved before `train` was renamed `trainable` build their module as in transferlab-eval."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     source = tiny_run / "source" / "checkpoints" / "best.ckpt"
     state = torch.load(source, weights_only=True)
@@ -422,7 +429,7 @@ def test_a_checkpoint_from_before_the_rename_is_ranked(tiny_run, tmp_path):
 
 def test_candidate_stage_picks_another_stage_of_a_run_folder(tiny_run, tmp_path):
     """Was `stage`, which Hydra reads as the config group conf/stage/: `stage=finetune` could not be given."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     cfg = compose_config(tmp_path / "r", [*TARGET, f"candidates=[{tiny_run}]", "candidate_stage=finetune"], "rank")
     [row] = rank(cfg)["candidates"]
@@ -432,7 +439,7 @@ def test_candidate_stage_picks_another_stage_of_a_run_folder(tiny_run, tmp_path)
 def test_a_damaged_or_unwritable_feature_cache_costs_only_the_reuse(tmp_path, caplog):
     """A cache entry cut short (a full disk, a killed copy) is computed again and rewritten; a cache folder that
     cannot be written (here: below a file) gives a warning and the ranking."""
-    from transferlab.rank import rank
+    from transferlab.analysis.ranking import rank
 
     def scores(cache_dir):
         cfg = compose_config(tmp_path / "r", [*TARGET, "candidates=[random]", f"paths.cache_dir={cache_dir}"], "rank")

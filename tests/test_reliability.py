@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, run_cli, write_cifar10, write_imagenet
 
-from transferlab.module import ClassifierModule
+from transferlab.train.module import ClassifierModule
 
 TESTS = Path(__file__).resolve().parent
 DETERMINISTIC = [*TINY, "trainer.deterministic=true"]
@@ -94,7 +94,7 @@ def resume(run_dir: Path, stage: str, overrides: list[str]) -> dict:
     before = {name: s for name, s in recorded.items() if s["status"] == "done"}  # the killed one is "running"
     mtimes = {name: (run_dir / s["best_ckpt"]).stat().st_mtime_ns for name, s in before.items()}
     resumed = run_cli("transferlab", *DETERMINISTIC, *overrides, f"hydra.run.dir={run_dir}")
-    log = resumed.stdout + resumed.stderr + (run_dir / "cli.log").read_text()
+    log = resumed.stdout + resumed.stderr + (run_dir / "transferlab.log").read_text()
     assert f"Stage {stage}: resuming from {run_dir / stage / 'checkpoints' / 'last.ckpt'}" in log
     for name in before:
         assert f"Stage {name}: done in an earlier run, skipped" in log
@@ -141,7 +141,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path,
 def test_manifest_write_cut_short_leaves_the_old_manifest(tmp_path, monkeypatch):
     """The manifest is written to a temporary file and renamed: a crash before the rename (here the rename
     itself fails) leaves the previous manifest whole."""
-    from transferlab import fileio
+    from transferlab.core import fileio
 
     path = tmp_path / "manifest.json"
     fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})

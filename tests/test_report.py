@@ -163,7 +163,7 @@ def test_matplotlib_is_imported_only_when_a_plot_is_drawn(tmp_path):
     for seed in range(2):  # a seed-only sweep: one cell, nothing to plot against
         make_job(tmp_path, seed, [f"seed={seed}"], {"finetune/test/acc": 0.5 + seed / 10})
     code = (
-        "import sys; from pathlib import Path; from transferlab import sweep_report as r; "
+        "import sys; from pathlib import Path; from transferlab.analysis import sweep_report as r; "
         f"p = Path({str(tmp_path)!r}); paths = r.write(p, r.collect(p)); "
         "print(len(paths), 'matplotlib' in sys.modules)"
     )
@@ -176,7 +176,7 @@ def test_the_sweep_callback_writes_the_report_even_for_a_narrowed_sweep(tmp_path
     """experiment=lowdata_study ends with ReportAtEnd; a sweep that fixes the recipe has no `recipe` line key."""
     from omegaconf import OmegaConf
 
-    from transferlab.sweep_report import ReportAtEnd
+    from transferlab.analysis.sweep_report import ReportAtEnd
 
     for seed in range(2):
         for size in (10, 100):
@@ -243,7 +243,7 @@ def test_the_same_overrides_with_another_config_are_separate_cells(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from transferlab.runlock import hold
+from transferlab.run.runlock import hold
 with hold(sys.argv[1]):
     Path(sys.argv[2]).touch()
     time.sleep(600)

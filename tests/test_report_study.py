@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, TINY, run_cli, write_cifar10
 from hydra import compose, initialize_config_dir
 
-from transferlab.cli import CONF_DIR
+from transferlab import CONF_DIR
 
 STUDY_RECIPES = ["mission", "lp_ft", "l2sp", "discriminative", "strong"]
 
@@ -24,7 +24,7 @@ def test_the_study_sweeps_labels_recipes_and_seeds_and_ends_with_the_report():
     params = cfg.hydra.sweeper.params
     assert params["data.target.samples_per_class"] == "10,25,100,500"
     assert params.recipe.split(",") == STUDY_RECIPES and params.seed == "0,1,2"
-    assert cfg.hydra.callbacks.report._target_ == "transferlab.sweep_report.ReportAtEnd"
+    assert cfg.hydra.callbacks.report._target_ == "transferlab.analysis.sweep_report.ReportAtEnd"
     assert "lowdata_study" in cfg.hydra.sweep.dir
 
 

@@ -155,7 +155,7 @@ def yaml_value(job, key: str) -> str:
 
 def test_bf16_mixed_precision_runs_every_stage_on_cpu(tmp_path):
     proc = run_cli("transferlab", *ONE_EPOCH, "precision=bf16-mixed", f"hydra.run.dir={tmp_path / 'run'}")
-    log = (tmp_path / "run" / "cli.log").read_text()  # every Lightning line; the console shows the banner once
+    log = (tmp_path / "run" / "transferlab.log").read_text()  # every Lightning line; the console shows the banner once
     assert log.count("Using bfloat16 Automatic Mixed Precision") == 4  # one per stage
     assert (proc.stdout + proc.stderr).count("Using bfloat16 Automatic Mixed Precision") == 1
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

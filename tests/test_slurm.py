@@ -19,9 +19,9 @@ from conftest import REPO, SIZES, TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from transferlab.cli import CONF_DIR
-from transferlab.errors import UserError
-from transferlab.slurm import check_slurm_tasks
+from transferlab import CONF_DIR
+from transferlab.core.errors import UserError
+from transferlab.run.slurm import check_slurm_tasks
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
@@ -253,7 +253,7 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
     manifest = json.loads((job / "manifest.json").read_text())["stages"]
     assert [s["status"] for s in manifest.values()] == ["done"] * 3
     assert manifest["source"]["epochs"] == 10
-    log = (job / "cli.log").read_text()
+    log = (job / "transferlab.log").read_text()
     assert f"Stage source: resuming from {last}" in log
     versions = sorted(p.name for p in (job / "source" / "csv").iterdir())
     assert versions == ["version_0", "version_1"]  # the interrupted attempt and the resumed one

@@ -11,9 +11,9 @@ from conftest import TINY, compose_config
 
 from transferlab.data import BuiltinDataModule
 from transferlab.data.base import auto_eval_batch
-from transferlab.factories import build, make_trainer
-from transferlab.module import ClassifierModule
-from transferlab.speed import cpu_flags, resolve_channels_last, resolve_precision
+from transferlab.train.factories import build, make_trainer
+from transferlab.train.module import ClassifierModule
+from transferlab.train.speed import cpu_flags, resolve_channels_last, resolve_precision
 
 
 def test_cpu_flags_are_this_machines():

@@ -23,7 +23,7 @@ from test_reliability import (  # noqa: F401  (helpers_on_path: autouse fixture)
     transferlab,
 )
 
-from transferlab import sweep_report
+from transferlab.analysis import sweep_report
 
 CACHED_SOURCE = [*ONLY_SOURCE, "cache=true"]
 
@@ -214,8 +214,8 @@ def test_one_diverging_step_fails_the_stage(tmp_path):
 def test_a_last_checkpoint_without_a_record_of_its_config_is_not_resumed(tiny_cfg):
     """Item 1: checkpoints whose config the manifest does not name (its entry was deleted, the folder kept)
     could have been trained under other values: refused, not resumed."""
-    from transferlab.errors import UserError
-    from transferlab.pipeline import run
+    from transferlab.core.errors import UserError
+    from transferlab.run.pipeline import run
 
     cfg = tiny_cfg(*ONLY_SOURCE, "trainer.max_epochs_per_stage=1")
     run(cfg)

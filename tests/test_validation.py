@@ -1,4 +1,4 @@
-"""Issue 8/9: every config value is checked in one place (transferlab.validation) before anything is written or
+"""Issue 8/9: every config value is checked in one place (transferlab.config.validation) before anything is written or
 trained: one message, exit 2, no traceback, the run folder untouched. And the configs compose instead of copying:
 the composed recipes equal the explicit ones they replace, and renamed keys are refused naming the new name."""
 
@@ -12,7 +12,12 @@ from conftest import TINY, compose_config, run_cli
 from omegaconf import OmegaConf
 from test_reliability import ONLY_SOURCE, assert_user_error, transferlab
 
-from transferlab import cli, methods, report, validation
+from transferlab.commands import evaluate as eval_command
+from transferlab.commands import main as cli
+from transferlab.config import validation
+from transferlab.run import results as report
+from transferlab.run.manifest import StageRecord
+from transferlab.train import methods
 
 IMAGENET32_64 = [
     "data/source=imagenet32",
@@ -176,7 +181,7 @@ def run_folder(tmp_path_factory):
 
 
 def in_process(entry, capsys, monkeypatch, args: list[str]) -> subprocess.CompletedProcess:
-    """A console script's entry point (`cli.main` or `cli.evaluate`: the Hydra app and its error reporting) run in
+    """A console script's entry point (`cli.main` or `eval_command.main`: the Hydra app and its error reporting) run in
     this process: the same code as the installed script, without its seconds of start-up for each of the cases."""
     monkeypatch.setattr(sys, "argv", [entry.__name__, *args])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -230,7 +235,7 @@ EVAL_BAD_VALUES = [
 def test_eval_checks_the_same_values(tmp_path, capsys, monkeypatch, overrides, message):
     run_dir = tmp_path / "eval"
     args = [f"ckpt={tmp_path / 'nowhere.ckpt'}", *overrides, f"hydra.run.dir={run_dir}"]
-    assert_user_error(in_process(cli.evaluate, capsys, monkeypatch, args), message)
+    assert_user_error(in_process(eval_command.main, capsys, monkeypatch, args), message)
     assert snapshot(run_dir) == {}  # no eval.json
 
 
@@ -328,7 +333,7 @@ def test_logger_and_debug_presets_compose(tmp_path):
 
 def test_the_gain_compares_the_configured_stages():
     stages = {
-        name: {"status": "done", "test": {"acc": acc}}
+        name: StageRecord("done", best_ckpt=f"{name}/checkpoints/best.ckpt", test={"acc": acc})
         for name, acc in (("pretrain", 0.9), ("finetune", 0.8), ("scratch", 0.5))
     }
     assert report.summarise(stages, "finetune", "scratch")["metrics"]["gain/acc"] == pytest.approx(0.3)

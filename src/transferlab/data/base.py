@@ -5,8 +5,6 @@ Subclasses say how to read their files: `load_split(split)` returns a `Dataset` 
 (`inputs.ArrayData` for data held as uint8 arrays), and `data_files()` lists the files it reads.
 """
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -14,6 +12,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from transferlab.core.digests import json_digest
+from transferlab.core.errors import UserError
 from transferlab.data.fingerprint import files_digest
 from transferlab.data.inputs import INPUTS, Rows
 from transferlab.data.splits import (
@@ -24,7 +24,6 @@ from transferlab.data.splits import (
     resolve_classes,
     stratified_split,
 )
-from transferlab.errors import UserError
 
 TEST_SPLIT_SEED = 0  # a test split taken from train is the same for every `seed`, so runs stay comparable
 
@@ -212,8 +211,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 "identity": self.identity_params(),
                 "files": files_hash,
             }
-            digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-            self._data_hash = digest.hexdigest()[:16]
+            self._data_hash = json_digest(settings)
         return self._data_hash
 
     def fingerprint(self) -> dict:

@@ -11,9 +11,9 @@ import itertools
 
 import torch
 
+from transferlab.core.errors import UserError
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.inputs import ArrayData
-from transferlab.errors import UserError
 
 IMAGE_SIZE, TARGET_CLASSES = 32, 10
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from transferlab.core.errors import UserError
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.files import load_pickle, readable_dir
 from transferlab.data.inputs import ArrayData
-from transferlab.errors import UserError
 
 
 class CIFARDataModule(ClassificationDataModule):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferlab.core.fileio import atomic_dir, lock
 from transferlab.data.fingerprint import content_hashes
-from transferlab.fileio import atomic_dir, lock
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from transferlab.fileio import atomic_write, lock, read_json
+from transferlab.core.digests import file_digest
+from transferlab.core.fileio import atomic_write, lock, read_json
 
 RACY_S = 2.0
 VERSION = 1
@@ -65,11 +66,6 @@ def _index_lock(index_file: Path):
         return None
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def content_hashes(files: Sequence[str | Path], index_dir: str | Path | None) -> tuple[list[str], list[int]]:
     """(sha256, size) of each file, in order; files unchanged since they were indexed are not read.
     `index_dir=None` keeps no index (every file is read)."""
@@ -98,7 +94,7 @@ def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[l
             if entry is not None and entry[:4] == key:
                 digest = entry[4]
             else:
-                digest, changed = _sha256(path), True
+                digest, changed = file_digest(path), True
                 if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
                     entries[rel] = [*key, digest]
                 else:

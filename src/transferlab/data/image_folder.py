@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from transferlab.core.errors import UserError
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.files import (
     FixedClassFolder,
@@ -15,7 +16,6 @@ from transferlab.data.files import (
     readable_dir,
     shared_files,
 )
-from transferlab.errors import UserError
 
 LAYOUT = "<root>/train/<class>/<image> (one folder per class), optionally <root>/val/<class>/ and <root>/test/<class>/"
 

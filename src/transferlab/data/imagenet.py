@@ -16,12 +16,12 @@ from pathlib import Path
 from torchvision.datasets import ImageNet
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
+from transferlab.core.errors import UserError
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.decoded_cache import cached_dir, source_key
 from transferlab.data.files import FixedClassFolder, ImageLoader, check_split_classes, class_folders, readable_dir
 from transferlab.data.imagenet_downsampled import find_files
 from transferlab.data.splits import resolve_classes
-from transferlab.errors import UserError
 
 LAYOUT = "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG (one folder per class)"
 DEVKIT = ARCHIVE_META["devkit"][0]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.core.errors import UserError
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.decoded_cache import cached_arrays, source_key
 from transferlab.data.files import load_pickle
 from transferlab.data.inputs import ArrayData
-from transferlab.errors import UserError
 
 NUM_CLASSES = 1000
 LAYOUT = (

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 
 
 class ArrayData(Dataset):

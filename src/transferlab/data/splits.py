@@ -7,7 +7,7 @@ from numbers import Integral, Real
 
 import torch
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 
 
 def check_settings(

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 from transferlab.models.convnet import ConvNetBackbone
 from transferlab.models.resnet import resnet_backbone
 
@@ -14,7 +14,7 @@ BACKBONES = {
 INPUT_SIZES = {"convnet": ConvNetBackbone.input_size}  # backbones that take one image size only (ResNets: any)
 
 # Each backbone's blocks, input to output, as the backbone's submodules that make them up: the units of freezing,
-# gradual unfreezing and layer-wise lr decay (the head, "head", is the last block; see transferlab.finetuning).
+# gradual unfreezing and layer-wise lr decay (the head, "head", is the last block; see transferlab.train.finetuning).
 RESNET_BLOCKS = {"stem": ("conv1", "bn1"), **{f"layer{i}": (f"layer{i}",) for i in range(1, 5)}}
 BLOCKS = {
     "convnet": {"conv1": ("0",), "conv2": ("3",), "fc": ("7",)},

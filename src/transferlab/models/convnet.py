@@ -7,7 +7,7 @@ class ConvNetBackbone(nn.Sequential):
     """Everything up to the 128-d features; the last linear layer is the head (see ClassifierModule)."""
 
     out_features = 128
-    input_size = 32  # the fc layer's 64*8*8 inputs fix it; transferlab.validation checks the data against it
+    input_size = 32  # the fc layer's 64*8*8 inputs fix it; transferlab.config.validation checks the data against it
 
     def __init__(self, image_size: int = 32):
         if image_size != self.input_size:

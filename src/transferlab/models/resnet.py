@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.core.errors import UserError
 
 
 def resnet_backbone(arch: str, small_input: bool = False, weights: str | None = None, image_size: int = 32):

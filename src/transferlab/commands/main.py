@@ -1,0 +1,69 @@
+"""`transferlab`: compose the config, run the stages, print the results table, return the metric a sweeper
+optimises. Thin on purpose: the run is `run.pipeline`."""
+
+import math
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from transferlab import CONF_DIR
+from transferlab.commands.common import FAILED_JOBS, hydra_task, script
+from transferlab.core.errors import UserError
+
+
+def objective(results: dict, name: str) -> float:
+    """The metric returned to sweepers; a missing one is an error that lists what exists."""
+    metrics = results["metrics"]
+    if name not in metrics:
+        raise UserError(
+            f"objective={name!r} is not among this run's metrics: {', '.join(sorted(metrics)) or 'none'}. "
+            "Set objective= to one of them."
+        )
+    value = float(metrics[name])
+    if math.isnan(value):
+        raise UserError(f"objective {name!r} is NaN: the run diverged or its metric could not be computed.")
+    return value
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra_task
+def _main(cfg: DictConfig) -> float:
+    from transferlab.config.validation import check_objective
+    from transferlab.run import runlock
+    from transferlab.run.interrupt import stop_on_signals
+    from transferlab.run.pipeline import run
+    from transferlab.run.slurm import check_slurm_tasks
+
+    check_slurm_tasks(cfg.trainer)  # under SLURM: one task per device, or fail before training
+    check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
+    with stop_on_signals(), runlock.hold(cfg.paths.run_dir):  # SIGTERM/SIGINT stop; one writer per folder
+        return objective(run(cfg), cfg.objective)
+
+
+def main() -> None:
+    """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
+    from transferlab.config.validation import check_optuna_installed, check_stage_overrides
+
+    try:  # before Hydra, whose messages would not name the valid keys or the missing extra
+        check_stage_overrides(sys.argv[1:])
+        check_optuna_installed(sys.argv[1:])
+    except UserError as err:
+        print(f"\ntransferlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _main()
+    if FAILED_JOBS:
+        print(
+            f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "
+            + "\n  ".join(FAILED_JOBS),
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def console_script() -> None:
+    script(main)
+
+
+if __name__ == "__main__":
+    console_script()

@@ -1,0 +1,136 @@
+"""ClassifierModule: backbone + linear head, cross-entropy, torchmetrics, and the stage's fine-tuning methods."""
+
+import lightning as L
+import torch
+from torch import nn
+
+from transferlab.models import build_backbone
+from transferlab.train import regularizers
+from transferlab.train.finetuning import BlockFreezing, model_blocks, resolve_trainable
+from transferlab.train.methods import DEFAULTS
+from transferlab.train.metrics import EvalMetrics, TrainMetrics, metric_key
+from transferlab.train.optim import OPTIMIZERS, build_optimizer, build_scheduler, param_groups
+
+__all__ = ["OPTIMIZERS", "ClassifierModule"]
+
+
+class ClassifierModule(L.LightningModule):
+    """One stage's model. Hyperparameters are plain containers so checkpoints load with weights_only=True.
+
+    The fine-tuning options (`transferlab.train.methods.DEFAULTS`, all off by default): `trainable` blocks (the others
+    are frozen: no gradients, eval mode, not in the optimizer; `head` is linear probing) and `unfreeze_every`
+    (transferlab.train.finetuning); `backbone_lr_mult`, `layer_decay`, `decay_norm_bias` (param groups,
+    transferlab.train.optim); `label_smoothing`; `l2sp` and `bss` (transferlab.train.regularizers).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        num_classes: int,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        trainable=DEFAULTS["trainable"],
+        unfreeze_every: int = 0,
+        backbone_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        decay_norm_bias: bool = True,
+        label_smoothing: float = 0.0,
+        l2sp: dict | None = None,
+        bss: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone, features = build_backbone(**model)
+        self.head = nn.Linear(features, num_classes)
+        self.blocks = model_blocks(self.backbone, self.head, model["name"])
+        self.trainable = resolve_trainable(trainable, model["name"])
+        for name, modules in self.blocks.items():
+            if name not in self.trainable:
+                for module in modules:
+                    module.requires_grad_(False)
+        self.l2sp = {**DEFAULTS["l2sp"], **(l2sp or {})}
+        self.bss = {**DEFAULTS["bss"], **(bss or {})}
+        self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts
+        self.train_metrics = TrainMetrics()  # loss and acc: summed per step, logged once per epoch
+        self.val_metrics = EvalMetrics(num_classes)  # loss, acc, top-5, F1, AUROC: computed once per epoch
+        self.test_metrics = EvalMetrics(num_classes)
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "ClassifierModule":
+        """The module a checkpoint's hyperparameters describe (`train`, the name before `trainable`, accepted)."""
+        hparams = dict(hparams)
+        if "train" in hparams:
+            hparams["trainable"] = hparams.pop("train")
+        return cls(**hparams)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_callbacks(self):
+        frozen = len(self.trainable) < len(self.blocks) or self.hparams.unfreeze_every
+        return [BlockFreezing(self.blocks, self.trainable, self.hparams.unfreeze_every)] if frozen else []
+
+    def on_train_start(self) -> None:
+        if self.l2sp["alpha"]:  # a resumed stage has its w0 from the checkpoint already
+            w0 = self.w0 or regularizers.starting_point(self.backbone)
+            self.w0 = {name: w.to(self.device) for name, w in w0.items()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["precision"] = str(self.trainer.precision)  # transferlab-eval tests under it: the same numbers
+        if self.w0 is not None:
+            checkpoint["l2sp_w0"] = self.w0
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "l2sp_w0" in checkpoint:
+            self.w0 = checkpoint["l2sp_w0"]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        features = self.backbone(x)
+        logits = self.head(features)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if self.l2sp["alpha"] or self.l2sp["beta"]:
+            term = regularizers.l2sp(self.backbone, self.head, self.w0 or {}, **self.l2sp)
+            self.log(metric_key("train", "l2sp"), term, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + term
+        if self.bss["weight"]:
+            term = self.bss["weight"] * regularizers.bss(features, self.bss["k"])
+            self.log(metric_key("train", "bss"), term, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + term
+        self.train_metrics.update(loss, logits, y)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        values = self.train_metrics.compute()
+        self.log(metric_key("train", "loss"), values["loss"], prog_bar=True)
+        self.log(metric_key("train", "acc"), values["acc"])
+        self.train_metrics.reset()
+
+    def _eval_step(self, batch, metrics: EvalMetrics) -> None:
+        x, y = batch
+        metrics.update(self(x), y)  # logged once, at the epoch's end (synced across ranks by torchmetrics)
+
+    def _eval_epoch_end(self, metrics: EvalMetrics, stage: str) -> None:
+        self.log_dict({metric_key(stage, k): v for k, v in metrics.compute().items()})
+        metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(
+            self.blocks, hp.optimizer.get("lr", 0), hp.backbone_lr_mult, hp.layer_decay, hp.decay_norm_bias
+        )
+        optimizer = build_optimizer(groups, hp.optimizer)
+        scheduler = build_scheduler(optimizer, dict(hp.scheduler or {}), self._trainer)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
