@@ -56,21 +56,7 @@ def rank(cfg: DictConfig) -> dict:
     results = read_results(cfg, candidates) if cfg.results else {}
     datamodule = build(cfg.data[cfg.task], augment=False)  # features of the images as they are
     fingerprint = datamodule.fingerprint()
-    for c in candidates:
-        if c.path:  # bad ones fail here, before any forward pass
-            hparams = load_candidate(c).hparams
-            c.model, c.classes = hparams.model, hparams.num_classes
-    heads = [c.classes for c in candidates if c.path]
-    for c in candidates:
-        if c.path is None:  # random init: as many classes as the first checkpoint's head, else the target's
-            c.classes = cfg.random_classes or (heads[0] if heads else datamodule.num_classes)
-        need = INPUT_SIZES.get(c.model["name"])
-        if need is not None and need != datamodule.image_size:
-            raise UserError(
-                f"Candidate {c.name} ({c.model['name']}) cannot take the {cfg.task} images: it takes {need}x{need}, "
-                f"data.{cfg.task}.image_size is {datamodule.image_size}. Rank it on {need}x{need} images "
-                f"(data.{cfg.task}.image_size={need}), or leave it out of candidates."
-            )
+    describe(cfg, candidates, datamodule)
     cache_dir = Path(cfg.paths.cache_dir) / "rank"
     labels = None
     for c in candidates:
@@ -81,24 +67,15 @@ def rank(cfg: DictConfig) -> dict:
         if not np.array_equal(labels, y):
             raise UserError(f"Cached features of {c.name} were computed on other labels: delete {cache_dir}.")
         start = time.time()
-        if np.isfinite(features).all() and np.isfinite(logits).all():
-            scores = {k: float(f"{v:.10g}") for k, v in all_scores(features, logits, labels).items()}  # round-off
-        else:  # NaN features still give a finite NCE (every argmax 0) and H-score (0): none is a score
-            log.warning(
-                "Candidate %s: its features are not finite (NaN/inf), a diverged checkpoint: every score is NaN.",
-                c.name,
-            )
-            scores = dict.fromkeys(SCORES, float("nan"))
         c.row = {
             "candidate": c.name,
-            **scores,
+            **candidate_scores(c, features, logits, labels),
             "feature_dim": features.shape[1],  # ties stay ties for tau-b
             "source_classes": logits.shape[1],
             "forward_s": round(forward_s, 2),
             "scores_s": round(time.time() - start, 2),
             "checkpoint": str(c.path or "random"),
         }
-    for c in candidates:
         accs = results.get(c.name, [])
         c.row |= {"finetuned_acc": float(np.mean(accs)) if accs else None, "finetuned_n": len(accs)}
     rows = sorted((c.row for c in candidates), key=lambda r: -r[cfg.sort_by] if np.isfinite(r[cfg.sort_by]) else np.inf)
@@ -114,6 +91,38 @@ def rank(cfg: DictConfig) -> dict:
     }
     write_tables(Path(cfg.paths.run_dir), out)
     return out
+
+
+def describe(cfg: DictConfig, candidates: list[Candidate], datamodule) -> None:
+    """Each candidate's architecture and head size, from its checkpoint (bad ones fail here, before any forward
+    pass) or, for random init, as many classes as the first checkpoint's head (else the task's); a backbone that
+    cannot take the task's image size is refused."""
+    for c in candidates:
+        if c.path:
+            hparams = load_candidate(c).hparams
+            c.model, c.classes = hparams.model, hparams.num_classes
+    heads = [c.classes for c in candidates if c.path]
+    for c in candidates:
+        if c.path is None:
+            c.classes = cfg.random_classes or (heads[0] if heads else datamodule.num_classes)
+        need = INPUT_SIZES.get(c.model["name"])
+        if need is not None and need != datamodule.image_size:
+            raise UserError(
+                f"Candidate {c.name} ({c.model['name']}) cannot take the {cfg.task} images: it takes {need}x{need}, "
+                f"data.{cfg.task}.image_size is {datamodule.image_size}. Rank it on {need}x{need} images "
+                f"(data.{cfg.task}.image_size={need}), or leave it out of candidates."
+            )
+
+
+def candidate_scores(c: Candidate, features: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Every score of one candidate; NaN for all where its features are not finite (NaN features still give a
+    finite NCE, every argmax 0, and H-score, 0: neither is a score)."""
+    if np.isfinite(features).all() and np.isfinite(logits).all():
+        return {k: float(f"{v:.10g}") for k, v in all_scores(features, logits, labels).items()}  # round-off
+    log.warning(
+        "Candidate %s: its features are not finite (NaN/inf), a diverged checkpoint: every score is NaN.", c.name
+    )
+    return dict.fromkeys(SCORES, float("nan"))
 
 
 def check_settings(cfg: DictConfig) -> None:

@@ -34,22 +34,8 @@ def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | No
             for c in members
             if c["stats"][metric]["n"] > 0
         )
-        if not points:
-            continue
-        px = [p * 10**dodge if log_x else p + dodge * gap for p, _, _ in points]
-        ys = [s["mean"] for _, s, _ in points]
-        err = [0.0 if math.isnan(s["std"]) else s["std"] for _, s, _ in points]
-        ax.errorbar(px, ys, yerr=err, marker="o", capsize=3, label=label or metric)
-        for p, (_, s, seeds) in zip(px, points):
-            if s["n"] < seeds:
-                ax.annotate(
-                    f"n={s['n']}/{seeds}",
-                    (p, s["mean"]),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                    color="red",
-                )
+        if points:
+            _draw_line(ax, points, [p * 10**dodge if log_x else p + dodge * gap for p, _, _ in points], label or metric)
     if log_x:
         ax.set_xscale("log")
     if numeric:
@@ -67,6 +53,23 @@ def plot(sweep_dir: Path, cells: list[dict], metric: str, x: str, line: str | No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_line(ax, points: list[tuple], px: list[float], label: str) -> None:
+    """A line of (x, stats, seeds) points drawn at `px`, error bars one std; a point that lost seeds says n/seeds."""
+    ys = [s["mean"] for _, s, _ in points]
+    err = [0.0 if math.isnan(s["std"]) else s["std"] for _, s, _ in points]
+    ax.errorbar(px, ys, yerr=err, marker="o", capsize=3, label=label)
+    for p, (_, s, seeds) in zip(px, points):
+        if s["n"] < seeds:
+            ax.annotate(
+                f"n={s['n']}/{seeds}",
+                (p, s["mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color="red",
+            )
 
 
 def _is_number(value) -> bool:

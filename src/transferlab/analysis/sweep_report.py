@@ -239,6 +239,31 @@ def write(
     swept = swept_keys(rows)
     keys = [k for k in swept if k != OVER]
     metrics = metrics or default_metrics(rows)
+    _check_metrics(rows, metrics)
+    cells = aggregate(rows, keys)
+    job_header, job_table = _job_table(rows, swept)
+    cell_header, cell_table = _cell_table(cells, keys, sorted({m for r in rows for m in r["metrics"]}))
+    _write_csv(sweep_dir / "report.csv", job_header, job_table)
+    _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
+    shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
+    text = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"## Mean ± standard deviation over `{OVER}` (n = distinct seeds with a value)",
+        "",
+        _cells_markdown(cells, keys, metrics),
+        "",
+        "## Jobs",
+        "",
+        markdown_table([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table]),
+        *_notes(rows, cells),
+    ]
+    atomic_write(sweep_dir / "report.md", "\n".join(text) + "\n")
+    plots = _plots(sweep_dir, cells, keys, metrics, x, line) if keys else []
+    return [sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "report_cells.csv", *plots]
+
+
+def _check_metrics(rows: list[dict], metrics: list[str]) -> None:
     unknown = [m for m in metrics if not any(m in r["metrics"] for r in rows)]
     if unknown:
         known = sorted({m for r in rows for m in r["metrics"]})
@@ -246,38 +271,31 @@ def write(
             f"metric(s) {', '.join(unknown)} are in no job's results.json; available: "
             f"{', '.join(known) or 'none (every job failed)'}."
         )
-    cells = aggregate(rows, keys)
-    job_header, job_table = _job_table(rows, swept)
-    cell_header, cell_table = _cell_table(cells, keys, sorted({m for r in rows for m in r["metrics"]}))
-    _write_csv(sweep_dir / "report.csv", job_header, job_table)
-    _write_csv(sweep_dir / "report_cells.csv", cell_header, cell_table)
-    shown = [i for i, name in enumerate(job_header) if i < 3 + len(swept) or name.endswith("/acc")]
-    config = ["config"] if any(c["config"] for c in cells) else []  # columns shown only where they say something
+
+
+def _cells_markdown(cells: list[dict], keys: list[str], metrics: list[str]) -> str:
+    """The cells' table; the config and running-jobs columns only where they say something."""
+    config = ["config"] if any(c["config"] for c in cells) else []
     running = ["running jobs"] if any(c["running"] for c in cells) else []
-    text = [
-        f"# Sweep {sweep_dir}",
-        "",
-        f"## Mean ± standard deviation over `{OVER}` (n = distinct seeds with a value)",
-        "",
-        markdown_table(
-            [*keys, *config, "jobs", "failed jobs", *running, *metrics],
+    return markdown_table(
+        [*keys, *config, "jobs", "failed jobs", *running, *metrics],
+        [
             [
-                [
-                    *c["values"].values(),
-                    *([c["config"]] if config else []),
-                    c["jobs"],
-                    c["failed"],
-                    *([c["running"]] if running else []),
-                    *(_cell(c, m) for m in metrics),
-                ]
-                for c in cells
-            ],
-        ),
-        "",
-        "## Jobs",
-        "",
-        markdown_table([job_header[i] for i in shown], [[row[i] for i in shown] for row in job_table]),
-    ]
+                *c["values"].values(),
+                *([c["config"]] if config else []),
+                c["jobs"],
+                c["failed"],
+                *([c["running"]] if running else []),
+                *(_cell(c, m) for m in metrics),
+            ]
+            for c in cells
+        ],
+    )
+
+
+def _notes(rows: list[dict], cells: list[dict]) -> list[str]:
+    """The report's closing sections, each only where it has something to say: cells split by config or
+    holding repeated seeds, running jobs, failed jobs and why."""
     notes = [
         f"- jobs {' '.join(c['job_names'])} ({_where(c)}): other jobs with the same overrides ran another config, "
         "so these are a cell of their own"
@@ -288,30 +306,29 @@ def write(
         for c in cells
         if c["duplicates"]
     ]
-    if notes:
-        text += ["", "## Notes", "", *notes]
     busy = [f"- job {r['job']}: a live run holds its folder; not averaged" for r in rows if r["status"] == "running"]
-    if busy:
-        text += ["", "## Running jobs", "", *busy]
     failures = [
         f"- job {r['job']}: {r['reason'] or 'no results.json, and no live run holds its folder (failed, or killed)'}"
         for r in rows
         if r["status"] == "failed"
     ]
-    if failures:
-        text += ["", "## Failed jobs", "", *failures]
-    atomic_write(sweep_dir / "report.md", "\n".join(text) + "\n")
-    plots = []
-    if keys:
-        x = x or ("data.target.samples_per_class" if "data.target.samples_per_class" in keys else keys[0])
-        line = line or next((k for k in keys if k != x), None)
-        for key, what in ((x, "--x"), (line, "--line")):
-            if key is not None and key not in keys:
-                raise UserError(f"{what} {key}: not a key this sweep varies; swept keys: {', '.join(keys)}.")
-        from transferlab.analysis.sweep_plot import plot  # matplotlib only when a plot is drawn
+    sections = (("Notes", notes), ("Running jobs", busy), ("Failed jobs", failures))
+    return [line for title, lines in sections if lines for line in ("", f"## {title}", "", *lines)]
 
-        plots = [plot(sweep_dir, cells, m, x, line) for m in metrics]
-    return [sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "report_cells.csv", *plots]
+
+def _plots(
+    sweep_dir: Path, cells: list[dict], keys: list[str], metrics: list[str], x: str | None, line: str | None
+) -> list[Path]:
+    """One PNG per metric against swept key `x`, one line per value of `line` (defaults: the label count, or
+    the first swept key; the next one)."""
+    x = x or ("data.target.samples_per_class" if "data.target.samples_per_class" in keys else keys[0])
+    line = line or next((k for k in keys if k != x), None)
+    for key, what in ((x, "--x"), (line, "--line")):
+        if key is not None and key not in keys:
+            raise UserError(f"{what} {key}: not a key this sweep varies; swept keys: {', '.join(keys)}.")
+    from transferlab.analysis.sweep_plot import plot  # matplotlib only when a plot is drawn
+
+    return [plot(sweep_dir, cells, m, x, line) for m in metrics]
 
 
 def _check_writable(sweep_dir: Path) -> None:

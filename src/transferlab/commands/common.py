@@ -1,8 +1,8 @@
 """What every console script shares: the config resolvers, one message (exit 2) for a user's mistake, and the fast
 exit. `hydra_task` wraps each Hydra app (`transferlab`, `-eval`, `-rank`); `script` is what a console script runs.
 
-A normal exit tears down every imported module: with torch and Lightning loaded that took 1.25 s after
-`transferlab` had printed its last line (0.5 s of it for torch alone), on every run and every DDP rank. `exit_now`
+A normal exit tears down every imported module: with torch and Lightning loaded that takes about a second after
+`transferlab` has printed its last line, on every run and every DDP rank (docs/performance.md). `exit_now`
 does what an exit must do (join the threads that are not daemons, run the atexit handlers: logging's flush,
 Lightning's process-group teardown, multiprocessing's clean-up of workers; flush stdout and stderr) and then ends
 the process with its exit status. The entry points themselves (`main.main`, ...) stay plain functions for callers
@@ -18,11 +18,13 @@ import sys
 import threading
 from collections.abc import Callable
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from transferlab import CONF_DIR
 from transferlab.core.errors import UserError, user_message
 from transferlab.core.fileio import disk_full
 from transferlab.train.speed import resolve_channels_last, resolve_precision
@@ -32,6 +34,12 @@ OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
 OmegaConf.register_new_resolver("resolve_precision", resolve_precision, replace=True)  # precision=auto
 OmegaConf.register_new_resolver("resolve_channels_last", resolve_channels_last, replace=True)  # channels_last=auto
 FAILED_JOBS: list[str] = []  # sweep jobs of this process that failed with a UserError
+
+
+def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callable[[], object]:
+    """The Hydra app of a console script: `conf/<config_name>.yaml` composed with the command line, then `task(cfg)`
+    under `hydra_task`."""
+    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(hydra_task(task))
 
 
 def hydra_task(task):

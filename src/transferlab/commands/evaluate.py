@@ -4,12 +4,10 @@ run tested it with."""
 import json
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from transferlab import CONF_DIR
-from transferlab.commands.common import hydra_task, script
+from transferlab.commands.common import hydra_app, script
 from transferlab.config import validation
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import atomic_write
@@ -44,10 +42,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-@hydra_task
-def main(cfg: DictConfig) -> dict:
-    return evaluate_checkpoint(cfg)
+main = hydra_app("eval", evaluate_checkpoint)
 
 
 def console_script() -> None:

@@ -4,11 +4,9 @@ optimises. Thin on purpose: the run is `run.pipeline`."""
 import math
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from transferlab import CONF_DIR
-from transferlab.commands.common import FAILED_JOBS, hydra_task, script
+from transferlab.commands.common import FAILED_JOBS, hydra_app, script
 from transferlab.core.errors import UserError
 
 
@@ -26,9 +24,8 @@ def objective(results: dict, name: str) -> float:
     return value
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-@hydra_task
-def _main(cfg: DictConfig) -> float:
+def run_and_score(cfg: DictConfig) -> float:
+    """The run of one composed config; its objective, for a sweeper."""
     from transferlab.config.validation import check_objective
     from transferlab.run import runlock
     from transferlab.run.interrupt import stop_on_signals
@@ -39,6 +36,9 @@ def _main(cfg: DictConfig) -> float:
     check_objective(cfg)  # the metric a sweeper gets must be one the stages will produce (the rest: in run)
     with stop_on_signals(), runlock.hold(cfg.paths.run_dir):  # SIGTERM/SIGINT stop; one writer per folder
         return objective(run(cfg), cfg.objective)
+
+
+_main = hydra_app("config", run_and_score)
 
 
 def main() -> None:

@@ -122,6 +122,29 @@ def check_optuna_installed(overrides: list[str]) -> None:
 
 def check_stage(cfg: DictConfig, name: str, stage) -> None:
     at = f"stages.{name}"
+    _check_stage_keys(at, stage)
+    if stage.task not in _tasks(cfg.data):
+        raise UserError(
+            f"{at}.task={stage.task!r}: the data config {cfg.data.get('name', '')} has no such task; "
+            f"use one of: {', '.join(_tasks(cfg.data))}."
+        )
+    _check_stage_start(at, stage, earlier=list(cfg.stages)[: list(cfg.stages).index(name)])
+    whole_number(f"{at}.epochs", stage.epochs)
+    whole_number(f"{at}.seed", stage.seed, minimum=0, optional=True, maximum=MAX_SEED)
+    _mapping(f"{at}.optimizer", stage.optimizer)
+    choice(f"{at}.optimizer.name", stage.optimizer.get("name", "sgd"), OPTIMIZERS)
+    number(f"{at}.optimizer.lr", stage.optimizer.get("lr"), 0, float("inf"), low_open=True)
+    if "momentum" in stage.optimizer:
+        number(f"{at}.optimizer.momentum", stage.optimizer.momentum, 0, 1, high_open=True)
+    if "weight_decay" in stage.optimizer:
+        number(f"{at}.optimizer.weight_decay", stage.optimizer.weight_decay, 0, float("inf"))
+    optimizer_options(OmegaConf.to_container(stage.optimizer, resolve=True), f"{at}.optimizer")  # fits torch's
+    _mapping(f"{at}.scheduler", stage.scheduler)
+    methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
+
+
+def _check_stage_keys(at: str, stage) -> None:
+    """A stage is a mapping with exactly the default stage's keys (a renamed one is named as such)."""
     valid = stage_keys()
     if not isinstance(stage, DictConfig):
         raise UserError(f"{at} must be a stage (a mapping); add one from the default with +stage@{at}=default.")
@@ -138,12 +161,10 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
             f"{at} lacks {', '.join(missing)}: a stage added on the command line starts from the "
             f"default stage with +stage@{at}=default (then set what differs)."
         )
-    if stage.task not in _tasks(cfg.data):
-        raise UserError(
-            f"{at}.task={stage.task!r}: the data config {cfg.data.get('name', '')} has no such task; "
-            f"use one of: {', '.join(_tasks(cfg.data))}."
-        )
-    earlier = list(cfg.stages)[: list(cfg.stages).index(name)]
+
+
+def _check_stage_start(at: str, stage, earlier: list[str]) -> None:
+    """Where the stage's weights start: an earlier stage or a checkpoint file (not both), and its head."""
     if stage.init is not None and stage.init not in earlier:
         raise UserError(
             f"{at}.init={stage.init!r} must name an earlier stage (stages before it: {', '.join(earlier) or 'none'})."
@@ -160,18 +181,6 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         )
     if stage.init_head not in INIT_HEADS:
         raise UserError(f"{at}.init_head={stage.init_head!r}: use 'new' or 'keep'.")
-    whole_number(f"{at}.epochs", stage.epochs)
-    whole_number(f"{at}.seed", stage.seed, minimum=0, optional=True, maximum=MAX_SEED)
-    _mapping(f"{at}.optimizer", stage.optimizer)
-    choice(f"{at}.optimizer.name", stage.optimizer.get("name", "sgd"), OPTIMIZERS)
-    number(f"{at}.optimizer.lr", stage.optimizer.get("lr"), 0, float("inf"), low_open=True)
-    if "momentum" in stage.optimizer:
-        number(f"{at}.optimizer.momentum", stage.optimizer.momentum, 0, 1, high_open=True)
-    if "weight_decay" in stage.optimizer:
-        number(f"{at}.optimizer.weight_decay", stage.optimizer.weight_decay, 0, float("inf"))
-    optimizer_options(OmegaConf.to_container(stage.optimizer, resolve=True), f"{at}.optimizer")  # fits torch's
-    _mapping(f"{at}.scheduler", stage.scheduler)
-    methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
 
 
 def check_gain(cfg: DictConfig) -> None:

@@ -148,13 +148,13 @@ def progress_bars(cfg, name: str) -> list:
 
 class StageProgressBar(RichProgressBar):
     """Lightning's rich bar, named after the stage (`pretrain 2/4 · epoch 3/10`), without the logger version,
-    redrawn at most `refresh_per_second` times a second whatever the step time: a redraw per step cost up to 17 %
-    of a 45-ms CPU step, and would cost more than the step itself on a GPU.
+    redrawn at most `refresh_per_second` times a second whatever the step time: a redraw per step costs a large
+    share of a CPU step, and would cost more than the step itself on a GPU.
 
     Lightning's refresh thread sleeps 1 / refresh_rate between looks for a pending redraw, and stopping the bar (at
-    the end of fit and of test) waits out that sleep: at 2 looks a second each stop waited up to 0.5 s (measured
-    0.48-0.50 s on a short fit), ~2.5 % of a 20-s stage. It looks `POLLS_PER_SECOND` times a second instead (a
-    look that finds nothing to draw costs microseconds); redraws stay throttled by `_due`."""
+    the end of fit and of test) waits out that sleep. It looks `POLLS_PER_SECOND` times a second instead (a look
+    that finds nothing to draw costs microseconds); redraws stay throttled by `_due`. The measured costs:
+    docs/performance.md (Measured figures)."""
 
     POLLS_PER_SECOND = 20
 

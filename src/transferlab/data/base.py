@@ -29,9 +29,9 @@ TEST_SPLIT_SEED = 0  # a test split taken from train is the same for every `seed
 
 
 def auto_eval_batch(device_type: str, batch_size: int) -> int:
-    """`eval_batch_size=auto`: on a CPU 128 (the fastest measured on the reference CPU: the ConvNet's eval forward
-    ran 2.5x faster at 128 images than at 500, scripts/bench_eval_batch.py), on a GPU 4x the training batch (an
-    eval forward keeps no activations for a backward pass, and small batches leave a GPU idle)."""
+    """`eval_batch_size=auto`: on a CPU 128 (the fastest measured on the reference CPU, scripts/bench_eval_batch.py;
+    docs/performance.md), on a GPU 4x the training batch (an eval forward keeps no activations for a backward pass,
+    and small batches leave a GPU idle)."""
     return 128 if device_type == "cpu" else 4 * batch_size
 
 

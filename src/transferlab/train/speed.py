@@ -9,9 +9,8 @@
 Any explicit value (`32-true`, `16-mixed`, `bf16-mixed`, ...) is used as given.
 
 `channels_last=auto` (the default) stores conv weights channels-last where that was measured faster: on an x86
-CPU with AVX2 or AVX-512 (oneDNN's convolutions run NHWC natively; a 10-epoch CIFAR-10 stage of the ConvNet ran
-1.23x faster on the AVX2 reference machine at equal accuracy, scripts/bench_cpu_levers.py); elsewhere, GPUs
-included, contiguous until measured there.
+CPU with AVX2 or AVX-512 (oneDNN's convolutions run NHWC natively; measured with scripts/bench_cpu_levers.py, the
+figures in docs/performance.md); elsewhere, GPUs included, contiguous until measured there.
 `compile=true` compiles the backbone with torch.compile: off by default (slower for the ConvNet on the reference
 CPU, and each stage pays its compile time). Both change results only within float rounding, and both are part of
 a stage's hash (trainer config).
