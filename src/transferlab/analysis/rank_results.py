@@ -141,7 +141,7 @@ def correlations(rows: list[dict]) -> dict:
     accuracy are both finite (`n`, per score: a diverged candidate's NaN or a missing accuracy leaves that one out,
     not every correlation NaN). From fewer than MIN_PAIRS pairs tau and r are None (null in ranking.json, `n < 3`
     in the table) and a warning says so: two points always give +-1, which is no evidence."""
-    out = {}
+    out: dict[str, dict] = {}
     for s in SCORES:
         pairs = [
             (r[s], r["finetuned_acc"])

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from transferlab.analysis.rank_results import correlations, plain, read_results, write_tables
 from transferlab.analysis.transferability import SCORES, all_scores
 from transferlab.core import provenance
-from transferlab.core.checks import MAX_SEED, choice, show, whole_number
+from transferlab.core.checks import MAX_SEED, choice, config_dict, show, whole_number
 from transferlab.core.digests import file_digest, json_digest
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import atomic_write
@@ -78,6 +78,7 @@ def rank(cfg: DictConfig) -> dict:
         }
         accs = results.get(c.name, [])
         c.row |= {"finetuned_acc": float(np.mean(accs)) if accs else None, "finetuned_n": len(accs)}
+    assert labels is not None  # resolve_candidates gives at least one candidate
     rows = sorted((c.row for c in candidates), key=lambda r: -r[cfg.sort_by] if np.isfinite(r[cfg.sort_by]) else np.inf)
     out = {
         "task": cfg.task,
@@ -100,11 +101,12 @@ def describe(cfg: DictConfig, candidates: list[Candidate], datamodule) -> None:
     for c in candidates:
         if c.path:
             hparams = load_candidate(c).hparams
-            c.model, c.classes = hparams.model, hparams.num_classes
+            c.model, c.classes = hparams["model"], hparams["num_classes"]
     heads = [c.classes for c in candidates if c.path]
     for c in candidates:
         if c.path is None:
             c.classes = cfg.random_classes or (heads[0] if heads else datamodule.num_classes)
+        assert c.model is not None  # the checkpoint's (above) or, for random init, cfg.model (resolve_candidates)
         need = INPUT_SIZES.get(c.model["name"])
         if need is not None and need != datamodule.image_size:
             raise UserError(
@@ -159,11 +161,7 @@ def resolve_candidates(cfg: DictConfig) -> list[Candidate]:
     out = []
     for name, item in pairs:
         if str(item) == "random":
-            out.append(
-                Candidate(
-                    name or "random", "random", model=OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed
-                )
-            )
+            out.append(Candidate(name or "random", "random", model=config_dict(cfg.model), seed=cfg.seed))
             continue
         path = checkpoint_of(Path(item).expanduser(), cfg.candidate_stage)
         out.append(Candidate(name or _short_name(path, cfg.candidate_stage), item, path.resolve(), file_digest(path)))
@@ -203,6 +201,7 @@ def _short_name(path: Path, stage: str) -> str:
 def load_candidate(c: Candidate) -> ClassifierModule:
     """The candidate's ClassifierModule: from its checkpoint (weights only), or its model at random init (seeded)."""
     if c.path is None:
+        assert c.model is not None and c.classes is not None  # random init: set by resolve_candidates and describe
         torch.manual_seed(c.seed)
         return ClassifierModule(model=c.model, num_classes=c.classes, optimizer={"name": "sgd", "lr": 0.1})
     try:  # as transferlab-eval loads it (from_hparams: also checkpoints saved before `train` was renamed)
@@ -263,7 +262,7 @@ def forward(module: ClassifierModule, datamodule, cfg: DictConfig, name: str):
             h = module.backbone(x)
         except RuntimeError as err:
             raise UserError(
-                f"Candidate {name} ({module.hparams.model}) cannot take the {cfg.task} images "
+                f"Candidate {name} ({module.hparams['model']}) cannot take the {cfg.task} images "
                 f"(batch {tuple(x.shape)}): {str(err).splitlines()[0][:200]}. Rank it on data of the "
                 "image size it was trained for."
             ) from None

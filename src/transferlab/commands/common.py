@@ -90,6 +90,7 @@ def _message(caught: Exception, full: OSError | None, cfg: DictConfig) -> str:
             f"Config error: {text}. Fix the override or config file that sets this key (transferlab --cfg job "
             "prints the composed config)."
         )
+    assert full is not None  # not a user or config error: a full disk (hydra_task re-raises the rest)
     paths = cfg.get("paths") or {}
     return (
         f"The disk holding {full.filename or paths.get('run_dir')} is full ({full.strerror}). Free space on it (old "
@@ -108,9 +109,9 @@ def _exit_interrupted(stop, cfg: DictConfig) -> None:
         if stop.stage
         else f"no stage was running in {run_dir}"
     )
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from transferlab.core.console import global_rank
 
-    if rank_zero_only.rank == 0:  # under DDP every rank stops (rank 0 forwards the signal): one line, not one each
+    if global_rank() == 0:  # under DDP every rank stops (rank 0 forwards the signal): one line, not one each
         print(
             f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
             "to resume.",

@@ -26,9 +26,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             "wrote it diverged, so its metrics would mean nothing. Evaluate a checkpoint of a stage that finished."
         )
     datamodule = build(cfg.data[cfg.task])
-    if datamodule.num_classes != module.hparams.num_classes:
+    if datamodule.num_classes != module.hparams["num_classes"]:
         raise UserError(
-            f"{cfg.ckpt} classifies {module.hparams.num_classes} classes but data.{cfg.task} has "
+            f"{cfg.ckpt} classifies {module.hparams['num_classes']} classes but data.{cfg.task} has "
             f"{datamodule.num_classes}: pick the task (task=source|target) and data it was trained on."
         )
     if cfg.precision == "auto" and checkpoint.get("precision"):  # the run's test used it: the same numbers

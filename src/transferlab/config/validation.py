@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.core.checks import MAX_SEED, choice, number, show, whole_number
+from transferlab.core.checks import MAX_SEED, choice, config_dict, number, show, whole_number
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import not_a_file
 from transferlab.data.splits import check_class_list, check_settings
@@ -138,7 +138,7 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         number(f"{at}.optimizer.momentum", stage.optimizer.momentum, 0, 1, high_open=True)
     if "weight_decay" in stage.optimizer:
         number(f"{at}.optimizer.weight_decay", stage.optimizer.weight_decay, 0, float("inf"))
-    optimizer_options(OmegaConf.to_container(stage.optimizer, resolve=True), f"{at}.optimizer")  # fits torch's
+    optimizer_options(config_dict(stage.optimizer), f"{at}.optimizer")  # fits torch's
     _mapping(f"{at}.scheduler", stage.scheduler)
     methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
 
@@ -154,7 +154,7 @@ def _check_stage_keys(at: str, stage) -> None:
                 f"{at}.{key} was renamed {at}.{RENAMED[key]}: use {at}.{RENAMED[key]}={stage[key]} instead."
             )
         if key not in valid and key not in RENAMED:
-            raise UserError(f"{at}: unknown key {key}; valid: {', '.join(valid)}.")
+            raise UserError(f"{at}: unknown key {key!s}; valid: {', '.join(valid)}.")
     missing = [k for k in valid if k not in stage]
     if missing:
         raise UserError(
@@ -190,7 +190,9 @@ def check_gain(cfg: DictConfig) -> None:
             f"gain must be null or have the keys compare and baseline (two stage names: gain/<metric> "
             f"is compare's test metric minus baseline's), got {show(gain)}."
         )
-    for key in ("compare", "baseline") if gain is not None else ():
+    if gain is None:
+        return
+    for key in ("compare", "baseline"):
         close = difflib.get_close_matches(str(gain[key]), list(cfg.stages), n=1, cutoff=0.8)
         if gain[key] not in cfg.stages and close:  # a typo; a stage removed on purpose is named under the table
             raise UserError(
@@ -229,7 +231,7 @@ def check_objective(cfg: DictConfig) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------------------
-def _tasks(data: DictConfig) -> list[str]:
+def _tasks(data: DictConfig) -> list:
     return [k for k, v in data.items() if isinstance(v, DictConfig) and "_target_" in v]
 
 

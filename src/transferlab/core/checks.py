@@ -1,10 +1,12 @@
 """Checks of single values, shared by every layer that takes settings (config validation, the data modules, the
 optimizer and the fine-tuning options): a bool is not a number (`lr=true` is not lr 1), 1.5 is not a count. Each
-raises a UserError that names the key, what it must be and what it got."""
+raises a UserError that names the key, what it must be and what it got. `config_dict`: a config mapping as the
+plain dict that the checks and the modules take."""
 
 import json
+from typing import cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.core.errors import UserError
 
@@ -14,6 +16,12 @@ MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed_everything's largest
 def show(value) -> str:
     """A value as written in YAML or on the command line: true, null, "abc", ["cat", "dog"]."""
     return json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, default=str)
+
+
+def config_dict(node: DictConfig) -> dict:
+    """A config mapping as a plain dict, its interpolations resolved (`OmegaConf.to_container`, which is typed for
+    any config node)."""
+    return cast(dict, OmegaConf.to_container(node, resolve=True))
 
 
 def is_number(value) -> bool:

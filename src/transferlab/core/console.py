@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
@@ -39,6 +40,12 @@ HIDDEN = (
 FILE_ONLY = {"file_only": True}  # `log.error(..., extra=FILE_ONLY)`: for the run's log file, not the console
 
 
+def global_rank() -> int:
+    """This process's global rank under DDP (0 without it), as Lightning keeps it: `rank_zero_only.rank`, an
+    attribute that Lightning sets on that decorator function and its types do not declare."""
+    return cast(Any, rank_zero_only).rank
+
+
 class _Banner(logging.Filter):
     """Drops records meant for the log file only (`FILE_ONLY`: an error the CLI prints itself), and unless
     `verbose`: Lightning's repeated banner lines (each `ONCE` line passes the first time) and its `HIDDEN` lines;
@@ -57,7 +64,7 @@ class _Banner(logging.Filter):
             return False
         if self.verbose:
             return True
-        if record.levelno <= logging.INFO and rank_zero_only.rank != 0 and not self.own_log:
+        if record.levelno <= logging.INFO and global_rank() != 0 and not self.own_log:
             return False
         if not record.name.startswith("lightning"):
             return True
@@ -94,10 +101,10 @@ def configure(verbose: bool = False) -> None:
             continue
         for old in [f for f in handler.filters if isinstance(f, _Banner)]:
             handler.removeFilter(old)
-        if not hasattr(handler, "_transferlab_formatter"):
-            handler._transferlab_formatter = handler.formatter
+        # the handler's first formatter (Hydra's), kept on it for the next call
+        own = vars(handler).setdefault("_transferlab_formatter", handler.formatter)
         handler.addFilter(_Banner(verbose))
-        handler.setFormatter(handler._transferlab_formatter if verbose else _Plain())
+        handler.setFormatter(own if verbose else _Plain())
 
 
 def _thread_error(args) -> None:

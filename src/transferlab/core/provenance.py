@@ -61,5 +61,5 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_count() -> int:
+def _cpu_count() -> int | None:  # None: os.cpu_count cannot tell
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

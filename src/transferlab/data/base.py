@@ -6,6 +6,7 @@ Subclasses say how to read their files: `load_split(split)` returns a `Dataset` 
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -90,13 +91,16 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.classes, self.seed = val_fraction, test_fraction, classes, seed
         self.samples_per_class, self.label_fraction = samples_per_class, label_fraction
         self.augment, self.image_size, self.cache_dir = augment, image_size, cache_dir
-        self.splits: dict[str, object] = {}
+        self.splits: dict[str, Any] = {}  # the input path's own: (images, labels) for memory, a Dataset for workers
         self.sizes: dict[str, int] = {}
         self._resident: dict = {}
         self._data_hash: str | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------
-    num_classes_total: int
+    @property
+    def num_classes_total(self) -> int:
+        """How many classes the dataset has (a class attribute or a property of the subclass)."""
+        raise NotImplementedError
 
     def load_split(self, split: str) -> Dataset:
         """The (PIL image, label) dataset of `split` ("train", "test", and "val" where `has_split` says so)."""
@@ -149,7 +153,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.splits:
             return
         ids, names = self.class_ids, self.class_names()
-        data = {split: self.load_split(split) for split in ("train", "val", "test") if self.has_split(split)}
+        data: dict[str, Any] = {  # datasets with `targets` (load_split)
+            split: self.load_split(split) for split in ("train", "val", "test") if self.has_split(split)
+        }
         remap = torch.full((self.num_classes_total,), -1, dtype=torch.long)
         remap[ids] = torch.arange(len(ids))
         labels = {split: remap[torch.as_tensor(d.targets, dtype=torch.long)] for split, d in data.items()}
@@ -238,7 +244,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def eval_batch(self) -> int:
         """`eval_batch_size`, or for `auto` the training device's (`auto_eval_batch`)."""
         if self.eval_batch_size != "auto":
-            return self.eval_batch_size
+            return cast(int, self.eval_batch_size)  # a whole number (check_settings)
         return auto_eval_batch(self.device().type, self.batch_size)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool):

@@ -40,7 +40,10 @@ class BuiltinDataModule(ClassificationDataModule):
         self.task, self.noise, self.max_shift, self.world_seed = task, noise, max_shift, world_seed
         self.train_per_class, self.test_per_class = train_per_class, test_per_class
         self.prototypes = make_prototypes(task, source_classes, world_seed)
-        self.num_classes_total = len(self.prototypes)
+
+    @property
+    def num_classes_total(self) -> int:
+        return len(self.prototypes)
 
     def identity_params(self) -> dict:
         return {

@@ -5,6 +5,7 @@ torchvision is used only to download (`download: true`).
 """
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ class CIFARDataModule(ClassificationDataModule):
     split_files: dict[str, list[str]]
     meta_file: str
     layout_files: str
-    downloader: type
+    downloader: type[Any]  # the torchvision dataset class
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 

@@ -126,7 +126,8 @@ def class_files(folder: str, valid) -> list[str]:
     symlinks but entering each real folder once and taking each real file once: torchvision follows a symlink loop
     until the OS stops it, reading a class dozens of times and putting the same image in train and val. Hidden
     files and folders (`.ipynb_checkpoints`, macOS `._*` files) are left out, as hidden class folders are."""
-    seen, found, stack = {os.path.realpath(folder)}, {}, [folder]
+    found: dict[str, list[tuple[str, str]]] = {}  # folder -> (name, real path) of its files
+    seen, stack = {os.path.realpath(folder)}, [folder]
     while stack:
         top = stack.pop()
         real_top = os.path.realpath(top)
@@ -189,7 +190,7 @@ def shared_files(train: list[str], other: list[str]) -> list[tuple[str, str]]:
     inode) reached through a symlinked folder, a symlink or a hard link (e.g. `ln -s train val`)."""
 
     def ids(paths: list[str]) -> dict:
-        found = {}
+        found: dict[tuple[int, int], str] = {}
         for path in paths:
             try:
                 st = os.stat(path)

@@ -69,8 +69,8 @@ def _index_lock(index_file: Path):
 def content_hashes(files: Sequence[str | Path], index_dir: str | Path | None) -> tuple[list[str], list[int]]:
     """(sha256, size) of each file, in order; files unchanged since they were indexed are not read.
     `index_dir=None` keeps no index (every file is read)."""
-    files = [os.path.abspath(f) for f in files]
-    return _hashes(files, data_folder(sorted(files)) if files else "", index_dir)
+    paths = [os.path.abspath(f) for f in files]
+    return _hashes(paths, data_folder(sorted(paths)) if paths else "", index_dir)
 
 
 def _hashes(files: list[str], top: str, index_dir: str | Path | None) -> tuple[list[str], list[int]]:
@@ -120,10 +120,10 @@ def data_folder(files: Sequence[str]) -> str:
 
 def files_digest(files: Sequence[str | Path], index_dir: str | Path | None) -> tuple[str, int]:
     """(hex sha256 over each file's name relative to the data folder and its content hash, total bytes)."""
-    files = sorted(os.path.abspath(f) for f in files)
-    top = data_folder(files) if files else ""
-    hashes, sizes = _hashes(files, top, index_dir)
+    paths = sorted(os.path.abspath(f) for f in files)
+    top = data_folder(paths) if paths else ""
+    hashes, sizes = _hashes(paths, top, index_dir)
     digest = hashlib.sha256()
-    for path, content in zip(files, hashes):
+    for path, content in zip(paths, hashes):
         digest.update(f"{path[len(top) + 1 :].replace(os.sep, '/')}\t{content}\n".encode())
     return digest.hexdigest(), sum(sizes)

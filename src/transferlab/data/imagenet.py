@@ -48,6 +48,7 @@ class ImageNetDataModule(ClassificationDataModule):
     layouts = ("auto", "folder", "devkit")
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
+    cache_dir: str  # a folder, never None here (the devkit layout's view of val/ is kept in it)
 
     def __init__(
         self,

@@ -94,6 +94,7 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
     copy_subsets = False  # index into the shared memory map instead of copying each split
+    cache_dir: str  # a folder, never None here (the decoded arrays are kept in it)
 
     def __init__(
         self,

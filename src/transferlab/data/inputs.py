@@ -89,7 +89,7 @@ class WorkersInput:
         return batch
 
 
-INPUTS = {"memory": MemoryInput(), "workers": WorkersInput()}
+INPUTS: dict[str, MemoryInput | WorkersInput] = {"memory": MemoryInput(), "workers": WorkersInput()}
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ unbalanced splits. Every check runs where the data is built, before anything tra
 
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import cast
 
 import torch
 
@@ -38,7 +39,9 @@ def check_settings(
             )
 
     integer("batch_size", batch_size, 1)
-    whole = isinstance(eval_batch_size, Integral) and not isinstance(eval_batch_size, bool) and eval_batch_size >= 1
+    whole = (
+        isinstance(eval_batch_size, Integral) and not isinstance(eval_batch_size, bool) and int(eval_batch_size) >= 1
+    )
     if not (whole or eval_batch_size in ("auto", None)):
         raise UserError(
             f"{key}.eval_batch_size must be a whole number >= 1, auto (chosen for the device) or null (the "
@@ -82,14 +85,14 @@ def resolve_classes(key: str, classes, total: int, names: Sequence[str] | None) 
     if classes is None:
         return list(range(total))
     if isinstance(classes, Integral):
-        if classes > total:
+        if int(classes) > total:
             raise UserError(f"{where}={classes}: the dataset has {total} classes; give a count from 1 to {total}.")
         return list(range(classes))
     classes = list(classes)
     lookup = {name: i for i, name in enumerate(names or [])}
     ids, unknown = [], []
     for c in classes:
-        if isinstance(c, Integral) and not isinstance(c, bool) and 0 <= c < total:
+        if isinstance(c, Integral) and not isinstance(c, bool) and 0 <= int(c) < total:
             ids.append(int(c))
         elif isinstance(c, str) and c in lookup:
             ids.append(lookup[c])
@@ -179,7 +182,8 @@ def check_classes_present(
     never learnt. A class with no image at all is an error only when `classes` selected it (all of a dataset's
     label ids need not occur). `train`, `others`: renumbered labels, -1 for classes not selected."""
     counts = torch.bincount(train[train >= 0], minlength=len(class_ids))
-    elsewhere = sum(torch.bincount(v[v >= 0], minlength=len(class_ids)) for v in others.values())
+    # a tensor: `others` is never empty (val and test)
+    elsewhere = cast(torch.Tensor, sum(torch.bincount(v[v >= 0], minlength=len(class_ids)) for v in others.values()))
     missing = [i for i in range(len(class_ids)) if counts[i] == 0 and (selected or elsewhere[i] > 0)]
     if not missing:
         return

@@ -16,7 +16,7 @@ INPUT_SIZES = {"convnet": ConvNetBackbone.input_size}  # backbones that take one
 # Each backbone's blocks, input to output, as the backbone's submodules that make them up: the units of freezing,
 # gradual unfreezing and layer-wise lr decay (the head, "head", is the last block; see transferlab.train.finetuning).
 RESNET_BLOCKS = {"stem": ("conv1", "bn1"), **{f"layer{i}": (f"layer{i}",) for i in range(1, 5)}}
-BLOCKS = {
+BLOCKS: dict[str, dict[str, tuple[str, ...]]] = {
     "convnet": {"conv1": ("0",), "conv2": ("3",), "fc": ("7",)},
     "resnet18": RESNET_BLOCKS,
     "resnet50": RESNET_BLOCKS,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from transferlab.core.console import global_rank
 from transferlab.core.errors import user_message
 from transferlab.core.fileio import copy_file, write_json_atomic
 
@@ -26,7 +27,7 @@ def _folder(run_dir: Path) -> Path:
 
 def begin(run_dir: Path) -> int:
     """Number this attempt (1, 2, ...) and keep a copy of the config Hydra wrote for it."""
-    if rank_zero_only.rank != 0:
+    if global_rank() != 0:
         return 0  # only rank zero writes records
     attempts = _folder(run_dir)
     number = max((int(p.name) for p in attempts.glob("*") if p.name.isdigit()), default=0) + 1

@@ -20,7 +20,8 @@ class Interrupted(BaseException):
     `except Exception` swallows it, but not a KeyboardInterrupt, which Lightning turns into `sys.exit(1)`."""
 
     def __init__(self, signum: int):
-        self.signum, self.stage = signum, None
+        self.signum = signum
+        self.stage: str | None = None  # the stage it stopped (`outcome` sets it)
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
     @property

@@ -141,9 +141,9 @@ class Manifest:
 
     def save(self) -> None:
         """Written by rank zero only. Lightning is imported here, not at import: reading a sweep needs none of it."""
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
+        from transferlab.core.console import global_rank
 
-        if rank_zero_only.rank == 0:
+        if global_rank() == 0:
             write_json_atomic(self.path, {**self.header, "stages": {n: r.to_json() for n, r in self.stages.items()}})
 
     def trained_by(self, attempt: int) -> list[str]:
@@ -152,4 +152,6 @@ class Manifest:
 
     def checkpoint(self, name: str) -> Path:
         """The best checkpoint of stage `name` (done): relative paths are relative to the run folder."""
-        return self.path.parent / self.stages[name].best_ckpt
+        best = self.stages[name].best_ckpt
+        assert best is not None  # a done record names its best checkpoint (StageRecord.from_json)
+        return self.path.parent / best

@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import validation
 from transferlab.core import provenance
+from transferlab.core.console import global_rank
 from transferlab.core.fileio import writable_dir
 from transferlab.run import attempts, results
 from transferlab.run.datasets import Datasets
@@ -79,7 +79,7 @@ def run_stages(cfg: DictConfig, folder: RunFolder) -> dict:
             raise
         folder.manifest.record(plan.name, record)
     summary = results.summarise(folder.manifest.stages, **(cfg.gain or {}))
-    if rank_zero_only.rank == 0:
+    if global_rank() == 0:
         results.write(folder.dir, summary)
     return summary
 
@@ -101,12 +101,12 @@ def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: Data
     cache = folder.cache
     record = _rank_zero_decides(cache.fetch(plan.name, plan.hash, folder.dir))
     if record is None:
-        with cache.lock(plan.name, plan.hash) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        with cache.lock(plan.name, plan.hash) if global_rank() == 0 else contextlib.nullcontext():
             # trained by a parallel job while this one waited for the lock?
             record = _rank_zero_decides(cache.fetch(plan.name, plan.hash, folder.dir))
             if record is None:
                 record = train_stage(cfg, plan, folder, data.take(plan.stage.task))
-                if rank_zero_only.rank == 0:
+                if global_rank() == 0:
                     publish(cache, plan, folder.dir, record)
                 return record
     log.info(
@@ -121,6 +121,7 @@ def publish(cache: StageCache | NoCache, plan: StagePlan, run_dir: Path, record:
     try:
         cache.publish(plan.name, plan.hash, run_dir, record)
     except OSError as err:
+        assert isinstance(cache, StageCache)  # NoCache.publish writes nothing
         log.warning(
             "Stage %s is done but could not be added to the stage cache (%s: %s): later runs will train it again. "
             "Free space in %s (or set cache=false).",

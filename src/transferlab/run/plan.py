@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from transferlab import __version__
+from transferlab.core.checks import config_dict
 from transferlab.core.digests import file_digest, json_digest
 from transferlab.core.errors import UserError
 from transferlab.run.manifest import Manifest, StageRecord
@@ -65,7 +66,6 @@ def plan_stages(cfg: DictConfig, data_hashes: dict[str, str]) -> list[StagePlan]
 def stage_config(cfg: DictConfig, name: str, upstream: str | None, result: Path | None, init_file: Path | None) -> dict:
     """What determines a stage's result: its recipe, data, model, seed, trainer, its upstream stage and the content
     of a checkpoint file it starts from; for a given result (`stages.<name>.result_ckpt`), that file's content."""
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)
     stage = cfg.stages[name]
     if result is not None:
         return {
@@ -76,11 +76,11 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None, result: Path 
         }
     config = {
         "transferlab version": __version__,
-        f"stages.{name}": plain(stage),
-        f"data.{stage.task}": {k: v for k, v in plain(cfg.data[stage.task]).items() if k != "cache_dir"},
-        "model": plain(cfg.model),
+        f"stages.{name}": config_dict(stage),
+        f"data.{stage.task}": {k: v for k, v in config_dict(cfg.data[stage.task]).items() if k != "cache_dir"},
+        "model": config_dict(cfg.model),
         "seed": cfg.seed if stage.get("seed") is None else stage.seed,
-        "trainer": {k: v for k, v in plain(cfg.trainer).items() if k not in UI_KEYS},
+        "trainer": {k: v for k, v in config_dict(cfg.trainer).items() if k not in UI_KEYS},
         f"stages.{stage.init} (the init stage's config hash)": upstream,
         "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
     }

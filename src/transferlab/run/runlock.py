@@ -14,8 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-
+from transferlab.core.console import global_rank
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import Timeout, lock, read_json, write_json_atomic
 from transferlab.run import attempts
@@ -26,7 +25,7 @@ LOCK, OWNER = ".transferlab.lock", ".transferlab.owner.json"
 @contextmanager
 def hold(run_dir: str | Path):
     """Hold `run_dir`'s lock (rank zero only) for the duration; refuse with a UserError when another run has it."""
-    if rank_zero_only.rank != 0:
+    if global_rank() != 0:
         yield
         return
     run_dir = Path(run_dir)

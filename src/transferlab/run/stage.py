@@ -10,9 +10,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from transferlab.core import console
+from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError, user_message
 from transferlab.core.fileio import not_a_file
 from transferlab.run.manifest import Manifest, StageRecord
@@ -50,14 +51,14 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     """Train one stage (initialised from its init checkpoint, or resumed from its own last.ckpt) and test it."""
     L.seed_everything(plan.seed, workers=True, verbose=False)
     trainer, checkpoint = stage_trainer(cfg, plan, folder.dir / plan.name)
-    optimizer = OmegaConf.to_container(plan.stage.optimizer, resolve=True)
+    optimizer = config_dict(plan.stage.optimizer)
     if cfg.scale_lr:  # linear scaling rule: lr x global batch / reference batch
         optimizer["lr"] *= datamodule.batch_size * trainer.world_size / cfg.reference_batch_size
     module = ClassifierModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=config_dict(cfg.model),
         num_classes=datamodule.num_classes,
         optimizer=optimizer,
-        scheduler=OmegaConf.to_container(plan.stage.scheduler, resolve=True),
+        scheduler=config_dict(plan.stage.scheduler),
         **methods.options(plan.stage),
     )
     resumed = start_weights(plan, folder, module)
@@ -147,15 +148,14 @@ def given_result(cfg: DictConfig, plan: StagePlan, folder: RunFolder) -> StageRe
     """`stages.<name>.result_ckpt=<path>`: an existing checkpoint is the stage's result, without training. It is
     loaded (weights only) and checked to fit the model before the stage is marked done."""
     path = plan.result_file
+    assert path is not None  # obtain_stage calls this for a stage with result_ckpt only
     if not path.is_file():
         raise UserError(
             f"stages.{plan.name}.result_ckpt={plan.stage.result_ckpt} {not_a_file(path)}: give the path "
             "of a .ckpt file (e.g. <run>/source/checkpoints/best.ckpt), or remove the option to train the "
             "stage."
         )
-    module = ClassifierModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), num_classes=2, optimizer={"name": "sgd", "lr": 1.0}
-    )
+    module = ClassifierModule(model=config_dict(cfg.model), num_classes=2, optimizer={"name": "sgd", "lr": 1.0})
     try:
         init_from_checkpoint(module, path, new_head=True)  # the head is checked by the stage that inits from it
     except UserError as err:

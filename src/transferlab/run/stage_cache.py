@@ -72,6 +72,7 @@ class StageCache:
         entry_dir = self._entry_dir(name, key)
         if entry_dir.exists():
             return
+        assert record.best_ckpt is not None  # a done record names its best checkpoint
         with atomic_dir(entry_dir) as tmp:
             copy_file(run_dir / record.best_ckpt, tmp / "best.ckpt", read_only=True)
             (tmp / DIGEST).write_text(file_digest(tmp / "best.ckpt"))

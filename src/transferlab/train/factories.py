@@ -8,8 +8,9 @@ import warnings
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError
 from transferlab.train.callbacks import SpeedSettings
 from transferlab.train.checkpoint_files import AtomicCheckpointIO
@@ -26,7 +27,7 @@ for message in (
 
 def make_trainer(cfg: DictConfig, max_epochs: int | None = None, **kwargs) -> L.Trainer:
     """The Trainer of `cfg.trainer`; a set `trainer.max_epochs_per_stage` caps every stage's epochs (debug presets)."""
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = config_dict(cfg.trainer)
     trainer_cfg.pop("max_epochs", None)  # the old name of max_epochs_per_stage: refused by validation when set
     cap = trainer_cfg.pop("max_epochs_per_stage", None)
     epochs = min(e for e in (max_epochs, cap) if e is not None) if (max_epochs or cap) else None

@@ -5,10 +5,12 @@ pipeline checks every stage's options before anything trains.
 """
 
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 
 from transferlab import CONF_DIR
+from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError
 from transferlab.models import BLOCKS
 from transferlab.train.finetuning import resolve_trainable
@@ -21,7 +23,8 @@ OPTIONS = (
 )
 # Their defaults (every one off) and what each means are written once, in the default stage; a ClassifierModule
 # built without the pipeline takes the same values.
-DEFAULT_STAGE = OmegaConf.to_container(OmegaConf.load(STAGE_SCHEMA))  # read once; validation takes its keys
+# The default stage (a mapping), read once; validation takes its keys.
+DEFAULT_STAGE = cast(dict, OmegaConf.to_container(OmegaConf.load(STAGE_SCHEMA)))
 DEFAULTS = {k: v for k, v in DEFAULT_STAGE.items() if k in OPTIONS}
 
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -43,7 +46,7 @@ RULES = {  # option -> (test, what it must be)
 
 def options(stage) -> dict:
     """The fine-tuning options a stage sets, as plain containers (missing ones take DEFAULTS in the module)."""
-    plain = OmegaConf.to_container(stage, resolve=True) if OmegaConf.is_config(stage) else dict(stage)
+    plain = config_dict(stage) if OmegaConf.is_config(stage) else dict(stage)
     return {key: plain[key] for key in DEFAULTS if key in plain}
 
 
@@ -67,7 +70,7 @@ def check(name: str, stage, model_name: str) -> None:
                 f"the stage would only train its top block ({trainable[-1]}). Use unfreeze_every < epochs (e.g. "
                 f"{max(1, epochs // len(trainable))}), or trainable=head for a linear probe."
             )
-    scheduler = OmegaConf.to_container(stage.scheduler, resolve=True) if "scheduler" in stage else {}
+    scheduler = config_dict(stage.scheduler) if "scheduler" in stage else {}
     check_scheduler(scheduler, f"{where}.scheduler")
     if scheduler.get("warmup_epochs", 0) >= stage.get("epochs", 1) and scheduler.get("warmup_epochs", 0):
         raise UserError(

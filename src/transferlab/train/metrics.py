@@ -7,6 +7,7 @@ counts add up exactly, and AUROC stored every probability anyway), at a fraction
 checks, four metric updates and per-step logging made validation slower than training."""
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch.nn import functional as F
@@ -23,7 +24,7 @@ def metric_key(*parts: str) -> str:
     return "/".join(parts)
 
 
-def split_metrics(logged: dict, split: str) -> dict[str, float]:
+def split_metrics(logged: Mapping, split: str) -> dict[str, float]:
     """{metric: value} of the `<split>/<metric>` values a Trainer logged (e.g. what `Trainer.test` returns)."""
     prefix = metric_key(split, "")
     return {k.removeprefix(prefix): float(v) for k, v in logged.items() if k.startswith(prefix)}
@@ -33,6 +34,8 @@ class EvalMetrics(Metric):
     """loss, acc, acc_top5 (top-min(5, classes)), macro f1 and macro AUROC of an epoch."""
 
     full_state_update = False
+    logits: list[torch.Tensor]  # the states (add_state): the epoch's batches
+    target: list[torch.Tensor]
 
     def __init__(self, num_classes: int, **kwargs):
         super().__init__(**kwargs)
@@ -77,6 +80,9 @@ class TrainMetrics(Metric):
     across DDP ranks by torchmetrics and logged once, at the epoch's end."""
 
     full_state_update = False
+    loss_sum: torch.Tensor  # the states (add_state)
+    correct: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -29,7 +29,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def draw_new_head(module: nn.Module, seed: int) -> None:
+def draw_new_head(module: ClassifierModule, seed: int) -> None:
     """Draw the new head from its own random stream. Drawn from the global one, seeded as the source stage was
     (the same seed, the same modules built in the same order), it repeated the source head's initial weights row
     for row, so target class i started out tied to source class i: on the CIFAR-10 class split, seed 0 gave 8-18 %
