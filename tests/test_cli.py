@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SIZES, TINY, run_cli
+from helpers.cli import run_cli
+from helpers.config import SIZES, TINY
 
 
 def run_timed(*args: str, output_root: Path) -> tuple[subprocess.CompletedProcess, float]:

@@ -2,7 +2,8 @@
 run, one line per skipped stage, the results and the run folder at the end; verbose=true shows everything."""
 
 import pytest
-from conftest import TINY, run_cli
+from helpers.cli import run_cli
+from helpers.config import TINY
 
 TWO_STAGES = [
     *[o for o in TINY if o != "trainer.enable_progress_bar=false"],

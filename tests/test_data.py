@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_shared_data, write_cifar10, write_imagenet
+from helpers.datasets import SHARED_DATA, needs_shared_data, write_cifar10, write_imagenet
 
 from transferlab.core.errors import UserError
 from transferlab.data import BuiltinDataModule, CIFAR10DataModule, ImageNetDataModule

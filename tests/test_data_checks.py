@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose_config, write_cifar10
+from helpers.config import REPO, compose_config
+from helpers.datasets import write_cifar10, write_cifar100, write_folder
 from PIL import Image
 
 from transferlab.core.errors import UserError
@@ -122,16 +122,6 @@ def test_out_of_range_cifar_labels_name_the_file(tmp_path):
         cifar(tmp_path).setup()
 
 
-def write_folder(root: Path, classes=("ant", "bee", "cat"), per_class=6, splits=("train",)) -> Path:
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
-
-
 def run_as_nobody(code: str) -> subprocess.CompletedProcess:
     """A real process without the right to read what root made unreadable (root reads everything)."""
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
@@ -179,29 +169,6 @@ def test_an_unreadable_cifar_file_is_not_called_corrupt():
 
 
 # -- CIFAR-100 and image folders -----------------------------------------------------------------------
-def write_cifar100(root: Path, n_train=200, n_test=100) -> Path:
-    """cifar-100-python/{train, test, meta} as released: fine and coarse labels, their names in meta."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = [i % 100 for i in range(n)]
-        entry = {
-            "filenames": [f"{i}.png" for i in range(n)],
-            "batch_label": name,
-            "fine_labels": fine,
-            "coarse_labels": [f // 5 for f in fine],
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-    meta = {
-        "fine_label_names": [f"fine{i}" for i in range(100)],
-        "coarse_label_names": [f"coarse{i}" for i in range(20)],
-    }
-    (folder / "meta").write_bytes(pickle.dumps(meta))
-    return root
-
-
 def test_cifar100_fine_and_coarse_labels(tmp_path):
     root = str(write_cifar100(tmp_path))
     fine = CIFAR100DataModule(root=root, val_fraction=0.0)

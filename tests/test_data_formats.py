@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, needs_shared_data, write_imagenet, write_imagenet32
+from helpers.config import REPO
+from helpers.datasets import SHARED_DATA, needs_shared_data, write_imagenet, write_imagenet32
 
 from transferlab.core.errors import UserError
 from transferlab.data import DownsampledImageNetDataModule, ImageNetDataModule

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config, run_cli, write_cifar10, write_imagenet32
+from helpers.cli import run_cli
+from helpers.config import TINY, compose_config
+from helpers.datasets import write_cifar10, write_imagenet32
 from PIL import Image
 
 from transferlab.core.errors import UserError

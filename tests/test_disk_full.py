@@ -1,18 +1,21 @@
 """A disk that fills up: real file systems (a small tmpfs mounted for the test) filled by a real file at a chosen
 point of a real run. The run stops with one message saying what to free, keeps what it trained, and the same
-command resumes once there is space; a full stage-cache folder costs the reuse, never the stage."""
+command resumes once there is space; a full stage-cache folder costs the reuse, never the stage. And a full disk
+simulated in a checkpoint write (half the bytes land, then ENOSPC): the stage fails with one message."""
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli, write_cifar10
+from helpers.cli import assert_user_error, run_cli, transferlab
+from helpers.config import REPO, TINY
+from helpers.datasets import write_cifar10
+from helpers.run_folder import stages
 
 from transferlab.data.fingerprint import files_digest
 
-ENV = {"PYTHONPATH": str(REPO / "tests")}  # the test callback helpers.FillDiskAt
-FILL = ["+callbacks.fill._target_=helpers.FillDiskAt", "+callbacks.fill.stage=pretrain"]
+ENV = {"PYTHONPATH": str(REPO / "tests")}  # the test callback helpers.callbacks.FillDiskAt
+FILL = ["+callbacks.fill._target_=helpers.callbacks.FillDiskAt", "+callbacks.fill.stage=pretrain"]
 
 
 @pytest.fixture
@@ -34,10 +37,6 @@ def tmpfs(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def stages(run_dir: Path) -> dict:
-    return json.loads((run_dir / "manifest.json").read_text())["stages"]
 
 
 def one_message(proc: subprocess.CompletedProcess) -> str:
@@ -119,3 +118,21 @@ def _fill(folder: Path) -> None:
                 f.flush()
     except OSError:
         pass
+
+
+@pytest.mark.usefixtures("helpers_on_path")  # its run imports helpers.callbacks
+def test_full_disk_while_writing_a_checkpoint(after_source):
+    run_dir, source_intact = after_source
+    proc = transferlab(
+        run_dir, "+callbacks.full._target_=helpers.callbacks.DiskFullInStage", "+callbacks.full.stage=pretrain"
+    )
+    folder = run_dir / "pretrain" / "checkpoints"
+    assert_user_error(
+        proc,
+        f"The disk holding {folder}/",
+        "is full (No space left on device). Free space on it",
+        f"re-run the same command into the same folder (hydra.run.dir={run_dir})",
+    )
+    stages = source_intact()  # also: no partial *.tmp left
+    assert stages["pretrain"]["status"] == "failed" and "No space left" in stages["pretrain"]["reason"]
+    assert not list(folder.glob("*.ckpt"))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, run_cli
-from test_validation import in_process
+from helpers.cli import in_process, run_cli
+from helpers.config import TINY
 
 from transferlab.commands import evaluate as eval_command
 

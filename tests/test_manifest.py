@@ -1,11 +1,13 @@
-"""`manifest.json` edited by hand or cut short: a re-run says which field is wrong, once, before anything runs
-(it was a traceback from the first step that trusted the field: a null checkpoint, a string of attempts)."""
+"""`manifest.json`: written whole or not at all (a write cut short leaves the previous one); edited by hand or cut
+short, a re-run says which field is wrong, once, before anything runs (it was a traceback from the first step that
+trusted the field: a null checkpoint, a string of attempts)."""
 
 import json
 import shutil
 
 import pytest
-from conftest import TINY, run_cli
+from helpers.cli import run_cli
+from helpers.config import TINY
 
 from transferlab.core.errors import UserError
 from transferlab.run.manifest import Manifest
@@ -54,3 +56,20 @@ def test_a_re_run_into_a_folder_with_a_cut_short_manifest_changes_nothing(finish
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{path} is not a transferlab manifest" in proc.stderr and "the folder is left as it was" in proc.stderr
     assert path.read_bytes() == before
+
+
+def test_manifest_write_cut_short_leaves_the_old_manifest(tmp_path, monkeypatch):
+    """The manifest is written to a temporary file and renamed: a crash before the rename (here the rename
+    itself fails) leaves the previous manifest whole."""
+    from transferlab.core import fileio
+
+    path = tmp_path / "manifest.json"
+    fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}}})
+
+    def crash(*args):
+        raise OSError("killed")
+
+    monkeypatch.setattr(fileio.os, "replace", crash)
+    with pytest.raises(OSError):
+        fileio.write_json_atomic(path, {"stages": {"source": {"status": "done"}, "pretrain": {"status": "done"}}})
+    assert json.loads(path.read_text()) == {"stages": {"source": {"status": "done"}}}

@@ -7,8 +7,8 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers.training import fit, loader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.train import regularizers
 from transferlab.train.finetuning import block_names
@@ -16,27 +16,6 @@ from transferlab.train.module import ClassifierModule
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 CONVNET, RESNET18 = {"name": "convnet"}, {"name": "resnet18", "small_input": True}
-
-
-def loader(n: int = 48, batch: int = 16, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g))
-    return DataLoader(data, batch_size=batch)
-
-
-def fit(module: L.LightningModule, epochs: int = 2, callbacks=(), n: int = 48) -> L.Trainer:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
-    trainer.fit(module, train_dataloaders=loader(n))
-    return trainer
 
 
 def block_state(module: ClassifierModule, name: str) -> dict:

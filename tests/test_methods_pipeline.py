@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config, run_cli
+from helpers.cli import run_cli
+from helpers.config import REPO, TINY, compose_config
 
 from transferlab.config.validation import validate
 from transferlab.core.errors import UserError
@@ -48,7 +49,7 @@ def test_gradual_unfreezing_under_ddp_keeps_the_ranks_in_step(tmp_path, monkeypa
         "trainer=ddp_cpu",
         "stages.source.unfreeze_every=1",
         "stages.source.epochs=3",
-        "+callbacks.weights._target_=helpers.SaveRankWeights",
+        "+callbacks.weights._target_=helpers.callbacks.SaveRankWeights",
         f"hydra.run.dir={tmp_path}",
     )
     rank0, rank1 = (torch.load(tmp_path / "source" / f"weights_rank{r}.pt") for r in (0, 1))
@@ -86,7 +87,7 @@ def test_l2sp_starting_point_survives_a_resume(tmp_path):
     checkpoint, which still loads weights-only)."""
     overrides = [*TINY, "recipe=l2sp", "~stages.scratch"]
     crash = [
-        "+callbacks.crash._target_=helpers.CrashAtEpoch",
+        "+callbacks.crash._target_=helpers.callbacks.CrashAtEpoch",
         "+callbacks.crash.stage=finetune",
         "+callbacks.crash.epoch=1",
     ]

@@ -4,7 +4,7 @@ epoch) give the values of the per-step torchmetrics updates and `self.log` calls
 import lightning as L
 import pytest
 import torch
-from test_methods import fit
+from helpers.training import fit
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score

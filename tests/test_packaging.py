@@ -13,11 +13,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from helpers.cli import assert_user_error
+from helpers.config import REPO, TINY
 from packaging.requirements import Requirement
-from test_reliability import assert_user_error
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def normalized(name: str) -> str:

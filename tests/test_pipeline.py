@@ -1,12 +1,17 @@
-"""The pipeline end to end with real Trainers on tiny built-in data: outputs, init, freezing, resume."""
+"""The pipeline end to end with real Trainers on tiny built-in data: outputs, init, freezing, resume, the transfer
+gain; and the default pipeline as a user runs it (full size, slow): transfer must help."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import run_cli
+from helpers.config import TINY, compose_config
 
 from transferlab.core.errors import UserError
+from transferlab.run import results as report
+from transferlab.run.manifest import StageRecord
 from transferlab.run.pipeline import run
 from transferlab.train.module import ClassifierModule
 from transferlab.train.weights import init_from_checkpoint, load_checkpoint
@@ -19,8 +24,6 @@ def backbone_state(path) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One tiny four-stage run, shared by the tests that only read its outputs."""
-    from conftest import TINY, compose_config
-
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
     cfg = compose_config(run_dir, TINY)
     return run_dir, run(cfg)
@@ -73,7 +76,7 @@ def test_head_stage_keeps_the_source_backbone_exactly(tiny_cfg):
 
 def test_rerun_skips_done_stages_and_resumes_an_interrupted_one(tiny_cfg):
     crash = [
-        "+callbacks.crash._target_=helpers.CrashAtEpoch",
+        "+callbacks.crash._target_=helpers.callbacks.CrashAtEpoch",
         "+callbacks.crash.stage=finetune",
         "+callbacks.crash.epoch=1",
     ]
@@ -105,8 +108,6 @@ def validated_epochs(metrics_csv: Path) -> list[str]:
 
 def test_rerun_with_another_config_is_refused(finished_run):
     run_dir, _ = finished_run
-    from conftest import TINY, compose_config
-
     cfg = compose_config(run_dir, [*TINY, "stages.finetune.optimizer.lr=0.5"])
     with pytest.raises(UserError, match="Stage 'finetune' .* was run with another configuration"):
         run(cfg)
@@ -160,8 +161,6 @@ def test_the_gain_compares_the_stages_named_in_the_config(finished_run, tmp_path
     """`gain: {compare, baseline}` is config: re-run a copy of the finished run (every stage done, none trains)."""
     import shutil
 
-    from conftest import TINY, compose_config
-
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
     flat = run(compose_config(run_dir, [*TINY, "gain.compare=pretrain"]))["metrics"]
@@ -178,12 +177,12 @@ def test_a_new_head_is_its_own_draw_not_a_replay_of_the_source_heads_init(tmp_pa
     """Seeded alike, source and pretrain built the same modules in the same order, so pretrain's "new" head
     repeated the source head's initial rows (the same fan-in): target class i started tied to source class i.
     Now it is drawn from its own stream (seed, stage name): unrelated to the source head, the same on a re-run."""
-    from conftest import TINY, compose_config
-
     only = ["~stages.finetune", "~stages.scratch", "objective=pretrain/test/acc"]
     heads = []
     for attempt in ("a", "b"):
-        cfg = compose_config(tmp_path / attempt, [*TINY, *only, "+callbacks.head._target_=helpers.SaveInitialHead"])
+        cfg = compose_config(
+            tmp_path / attempt, [*TINY, *only, "+callbacks.head._target_=helpers.callbacks.SaveInitialHead"]
+        )
         run(cfg)
         heads.append({s: torch.load(tmp_path / attempt / s / "initial_head.pt") for s in ("source", "pretrain")})
     source, pretrain = heads[0]["source"], heads[0]["pretrain"]  # 6 source classes, 10 target classes
@@ -191,3 +190,25 @@ def test_a_new_head_is_its_own_draw_not_a_replay_of_the_source_heads_init(tmp_pa
     corr = torch.corrcoef(torch.stack([source.flatten(), pretrain[:6].flatten()]))[0, 1]
     assert abs(corr) < 0.1, f"pretrain's new head correlates {corr:.2f} with the source head's init"
     assert torch.equal(heads[1]["pretrain"], pretrain)  # deterministic: a re-run draws the same head
+
+
+def test_the_gain_compares_the_configured_stages():
+    stages = {
+        name: StageRecord("done", best_ckpt=f"{name}/checkpoints/best.ckpt", test={"acc": acc})
+        for name, acc in (("pretrain", 0.9), ("finetune", 0.8), ("scratch", 0.5))
+    }
+    assert report.summarise(stages, "finetune", "scratch")["metrics"]["gain/acc"] == pytest.approx(0.3)
+    results = report.summarise(stages, compare="pretrain", baseline="scratch")
+    assert results["metrics"]["gain/acc"] == pytest.approx(0.4)
+    assert "**Transfer gain** (pretrain − scratch, test accuracy): **+40.00 points**" in report.table(results)
+    assert "gain/acc" not in report.summarise(stages)["metrics"]  # gain=null
+
+
+@pytest.mark.slow
+def test_default_pipeline_shows_a_clear_transfer_gain(tmp_path):
+    """`transferlab` with no overrides (the mission's recipe on the built-in data): transfer must help."""
+    proc = run_cli("transferlab", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["source/test/acc"] > 0.9  # the source task is learnt
+    assert results["gain/acc"] > 0.2, results  # finetune beats scratch by more than 20 points
+    assert "Transfer gain" in proc.stdout

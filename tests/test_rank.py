@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config, run_cli, write_imagenet
+from helpers.cli import run_cli
+from helpers.config import TINY, compose_config
+from helpers.datasets import write_imagenet
 
 from transferlab.analysis.transferability import SCORES, h_score, kendall_tau_b, leep, logme, logme_fit, nce, pearson_r
 from transferlab.core.errors import UserError

@@ -2,7 +2,7 @@
 at data and runs made here in the real file layouts, and only sizes are added (tiny data, one epoch per stage,
 fewer trials), never a feature switched off. A command that needs hardware this machine lacks (a GPU) is run to
 its refusal, then in the CPU form the README names beside it. The fresh-machine commands are the CI's own
-(`.ci/run`) and tests/test_slow.py's (the default pipeline)."""
+(`.ci/run`) and tests/test_pipeline.py's (test_default_pipeline_shows_a_clear_transfer_gain)."""
 
 import re
 import shlex
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SIZES, run_cli, write_cifar10, write_imagenet
-from test_data_checks import write_cifar100, write_folder
+from helpers.cli import run_cli
+from helpers.config import REPO, SIZES
+from helpers.datasets import write_cifar10, write_cifar100, write_folder, write_imagenet
 
 README = REPO / "README.md"
 BUILTIN_SOURCE = [o for o in SIZES if o.startswith("data.source.")]

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
-from conftest import compose_config, run_cli
+from helpers.cli import run_cli
+from helpers.config import compose_config
 from omegaconf import OmegaConf
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -317,3 +318,8 @@ def test_a_read_only_sweep_folder_is_named_instead_of_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"the report goes into the sweep folder, and {sweep} cannot be written to (" in proc.stderr
     assert "rsync -a --exclude='*.ckpt'" in proc.stderr and not (sweep / "report.md").exists()
+
+
+def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
+    proc = run_cli("transferlab-report", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no job folders" in proc.stderr

@@ -5,7 +5,9 @@ import csv
 import json
 
 import pytest
-from conftest import REPO, TINY, run_cli, write_cifar10
+from helpers.cli import run_cli
+from helpers.config import REPO, TINY
+from helpers.datasets import write_cifar10
 from hydra import compose, initialize_config_dir
 
 from transferlab import CONF_DIR

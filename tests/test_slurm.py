@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SIZES, TINY
+from helpers.config import ONE_EPOCH, ONE_EPOCH_DEFAULTS, REPO, TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -24,8 +24,6 @@ from transferlab.core.errors import UserError
 from transferlab.run.slurm import check_slurm_tasks
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
-ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
-ONE_EPOCH_DEFAULTS = [o for o in SIZES if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"]
 LAUNCH_TIMEOUT_S = 420  # the launcher waits for its jobs; a hung wait fails the test instead of blocking CI
 
@@ -137,7 +135,7 @@ def test_two_task_job_runs_ddp_with_the_processes_slurm_started(sweep_dir):
         *ONE_EPOCH,
         "~stages.scratch",
         f"hydra.sweep.dir={sweep_dir}",
-        "+callbacks.record._target_=helpers.RecordTestMetrics",
+        "+callbacks.record._target_=helpers.callbacks.RecordTestMetrics",
         extra_pythonpath=str(REPO / "tests"),
     )
     rc, out, err = finish(proc, sweep_dir)
@@ -222,7 +220,7 @@ def test_job_requeued_mid_stage_resumes_from_its_last_checkpoint_and_completes(s
         "stages.finetune.epochs=1",
         "~stages.scratch",
         f"hydra.sweep.dir={sweep_dir}",
-        "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
+        "+callbacks.slow._target_=helpers.callbacks.SlowEpochs",
         "+callbacks.slow.seconds=1",
         extra_pythonpath=str(REPO / "tests"),
     )  # source: at least 10 s, so the requeue lands mid-stage
@@ -284,7 +282,7 @@ def test_a_job_killed_before_its_result_fails_the_sweep_instead_of_hanging(sweep
         "stages.source.epochs=10",
         "trainer.max_epochs_per_stage=null",
         f"hydra.sweep.dir={sweep_dir}",
-        "+callbacks.slow._target_=slurm_helpers.SlowEpochs",
+        "+callbacks.slow._target_=helpers.callbacks.SlowEpochs",
         "+callbacks.slow.seconds=1",
         extra_pythonpath=str(REPO / "tests"),
     )

@@ -1,13 +1,15 @@
 """precision=auto and channels_last=auto resolve from the machine's real capabilities (its CPU flags, its GPU),
 never assumed; channels_last, compile and eval_batch_size=auto act on a real Trainer and change results only
-within float rounding."""
+within float rounding; precision=bf16-mixed runs every stage on a CPU."""
 
+import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers.cli import run_cli
+from helpers.config import ONE_EPOCH, TINY, compose_config
 
 from transferlab.data import BuiltinDataModule
 from transferlab.data.base import auto_eval_batch
@@ -121,3 +123,14 @@ def test_eval_batch_auto_is_chosen_for_the_device():
             task="target", train_per_class=60, val_fraction=0.5, batch_size=16, eval_batch_size=given
         )
         assert [len(y) for _, y in dm.val_dataloader()] == sizes
+
+
+def test_bf16_mixed_precision_runs_every_stage_on_cpu(tmp_path):
+    proc = run_cli("transferlab", *ONE_EPOCH, "precision=bf16-mixed", f"hydra.run.dir={tmp_path / 'run'}")
+    log = (tmp_path / "run" / "transferlab.log").read_text()  # every Lightning line; the console shows the banner once
+    assert log.count("Using bfloat16 Automatic Mixed Precision") == 4  # one per stage
+    assert (proc.stdout + proc.stderr).count("Using bfloat16 Automatic Mixed Precision") == 1
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
+    assert all(0 <= s["test"]["acc"] <= 1 for s in manifest["stages"].values())

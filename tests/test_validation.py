@@ -1,23 +1,17 @@
-"""Issue 8/9: every config value is checked in one place (transferlab.config.validation) before anything is written or
-trained: one message, exit 2, no traceback, the run folder untouched. And the configs compose instead of copying:
-the composed recipes equal the explicit ones they replace, and renamed keys are refused naming the new name."""
+"""Every config value is checked in one place (transferlab.config.validation) before anything is written or
+trained: one message, exit 2, no traceback, the run folder untouched; a renamed key is refused naming the new name.
+The whole table through the entry points in this process, a sample through the installed scripts; transferlab-eval
+checks the same values."""
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config, run_cli
-from omegaconf import OmegaConf
-from test_reliability import ONLY_SOURCE, assert_user_error, transferlab
+from helpers.cli import assert_user_error, in_process, run_cli, transferlab
+from helpers.config import ONLY_SOURCE, STAGE_KEYS, TINY
 
 from transferlab.commands import evaluate as eval_command
 from transferlab.commands import main as cli
-from transferlab.config import validation
-from transferlab.run import results as report
-from transferlab.run.manifest import StageRecord
-from transferlab.train import methods
 
 IMAGENET32_64 = [
     "data/source=imagenet32",
@@ -28,10 +22,6 @@ IMAGENET32_64 = [
     "data.target.world_seed=1234",
 ]
 CIFAR = ["data/target=cifar10"]  # validation refuses its values before the data (root: null) is read
-STAGE_KEYS = (
-    "task, init, init_ckpt, init_head, trainable, unfreeze_every, backbone_lr_mult, layer_decay, decay_norm_bias, "
-    "label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler"
-)
 
 # override(s) -> fragments of the one message; each is refused before anything is written or trained
 BAD_VALUES = [
@@ -67,6 +57,15 @@ BAD_VALUES = [
         "stages.pretrain.scheduler.name='cosin' is unknown; available: none, cosine, step.",
     ),
     (["data.batch_size=abc"], 'data.batch_size must be a whole number of at least 1, got "abc".'),
+    # a TypeError from Path(None) before: the ImageNet layouts keep what they build in their cache folder
+    (
+        ["data/source=imagenet", "data.source.root=/nowhere", "data.source.cache_dir=null"],
+        "data.source.cache_dir=None: this data set keeps the devkit layout's sorted view of val/ in that folder.",
+    ),
+    (
+        ["data/source=imagenet32", "data.source.root=/nowhere", "data.source.cache_dir=null"],
+        "data.source.cache_dir=None: this data set keeps the decoded images",
+    ),
     (["stages.source.seed=-1"], "stages.source.seed must be null or a whole number from 0 to 4294967295, got -1."),
     (["data.batch_size=0"], "data.batch_size must be a whole number of at least 1, got 0."),
     (["data.batch_size=true"], "data.batch_size must be a whole number of at least 1, got true."),
@@ -180,19 +179,8 @@ def run_folder(tmp_path_factory):
     return run_dir
 
 
-def in_process(entry, capsys, monkeypatch, args: list[str]) -> subprocess.CompletedProcess:
-    """A console script's entry point (`cli.main` or `eval_command.main`: the Hydra app and its error reporting) run in
-    this process: the same code as the installed script, without its seconds of start-up for each of the cases."""
-    monkeypatch.setattr(sys, "argv", [entry.__name__, *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as stopped:
-        entry()
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, stopped.value.code, out.out, out.err)
-
-
 def tiny(overrides) -> list[str]:
-    """TINY, less the sizes of a data group that `overrides` replace (as test_reliability.transferlab does)."""
+    """TINY, less the sizes of a data group that `overrides` replace (as helpers.cli.transferlab does)."""
     replaced = [o.split("=")[0].replace("/", ".") + "." for o in overrides if o.startswith("data/")]
     return [o for o in TINY if not any(o.startswith(prefix) for prefix in replaced)]
 
@@ -249,95 +237,3 @@ def test_the_installed_eval_script_refuses_the_same(tmp_path):
     )
     assert_user_error(proc, EVAL_BAD_VALUES[0][1])
     assert snapshot(tmp_path / "eval") == {}
-
-
-# -- composed configs ------------------------------------------------------------------------------------
-def _explicit(task, init, init_head, lr, epochs=10, train="all", momentum=0.0, weight_decay=0.0, scheduler="none"):
-    """A stage as conf/recipe/seed.yaml spelled it out before the stage schema (ckpt now result_ckpt)."""
-    return {
-        "task": task,
-        "init": init,
-        "init_ckpt": None,
-        "init_head": init_head,
-        "trainable": train,
-        "unfreeze_every": 0,
-        "backbone_lr_mult": 1.0,
-        "layer_decay": 1.0,
-        "decay_norm_bias": True,
-        "label_smoothing": 0.0,
-        "l2sp": {"alpha": 0.0, "beta": 0.0},
-        "bss": {"weight": 0.0, "k": 1},
-        "result_ckpt": None,
-        "epochs": epochs,
-        "seed": None,
-        "scheduler": {"name": scheduler, "warmup_epochs": 0, "interval": "epoch"},
-        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay},
-    }
-
-
-def _mission(pretrain_train="all", **every_stage):
-    return {
-        "source": _explicit("source", None, "new", 0.01, **every_stage),
-        "pretrain": _explicit("target", "source", "new", 0.01, train=pretrain_train, **every_stage),
-        "finetune": _explicit("target", "pretrain", "keep", 0.001, **every_stage),
-        "scratch": _explicit("target", None, "new", 0.01, epochs=20, **every_stage),
-    }
-
-
-@pytest.mark.parametrize(
-    "recipe,expected",
-    [
-        ("mission", _mission()),
-        ("lp_ft", _mission(pretrain_train="head")),
-        ("sgd_momentum", _mission(momentum=0.9, weight_decay=5.0e-4, scheduler="cosine")),
-    ],
-)
-def test_composed_recipes_equal_the_explicit_ones(recipe, expected):
-    stages = OmegaConf.to_container(compose_config(Path("/tmp/unused"), [f"recipe={recipe}"]).stages, resolve=True)
-    assert {n: {k: v for k, v in s.items() if k not in validation.RENAMED} for n, s in stages.items()} == expected
-    assert all(s["ckpt"] is None and s["train"] is None for s in stages.values())  # old names: null placeholders
-
-
-def test_a_stage_key_is_one_line_in_the_default_stage():
-    default = OmegaConf.load(methods.STAGE_SCHEMA)
-    assert validation.stage_keys() == [k for k in default if k not in validation.RENAMED] == STAGE_KEYS.split(", ")
-
-
-def test_a_stage_added_from_the_default_stage_is_valid(tmp_path):
-    cfg = compose_config(tmp_path, ["+stage@stages.extra=default", "stages.extra.init=finetune"])
-    validation.validate(cfg)
-    assert list(cfg.stages)[-1] == "extra" and cfg.stages.extra.optimizer.lr == 0.01
-
-
-@pytest.mark.parametrize(
-    "data,workers", [("builtin", 0), ("builtin_cifar10", 2), ("imagenet32_cifar10", 0), ("imagenet_cifar10", 4)]
-)
-def test_data_pairs_share_batch_size_seed_and_workers(tmp_path, data, workers):
-    plain = OmegaConf.to_container(
-        compose_config(tmp_path, [f"data={data}", "seed=7", "data.batch_size=32"]).data, resolve=True
-    )
-    assert (plain["batch_size"], plain["num_workers"]) == (32, workers)
-    for task in ("source", "target"):
-        assert (plain[task]["batch_size"], plain[task]["seed"], plain[task]["num_workers"]) == (32, 7, workers)
-
-
-def test_logger_and_debug_presets_compose(tmp_path):
-    assert (
-        OmegaConf.to_container(compose_config(tmp_path, ["logger=default"]).logger)["csv"]
-        == OmegaConf.to_container(compose_config(tmp_path, ["logger=csv"]).logger)["csv"]
-    )
-    for preset, cap in (("limit", 1), ("fdr", 1), ("overfit", None)):
-        cfg = compose_config(tmp_path, [f"debug={preset}"])
-        assert cfg.cache is False and cfg.trainer.max_epochs_per_stage == cap
-
-
-def test_the_gain_compares_the_configured_stages():
-    stages = {
-        name: StageRecord("done", best_ckpt=f"{name}/checkpoints/best.ckpt", test={"acc": acc})
-        for name, acc in (("pretrain", 0.9), ("finetune", 0.8), ("scratch", 0.5))
-    }
-    assert report.summarise(stages, "finetune", "scratch")["metrics"]["gain/acc"] == pytest.approx(0.3)
-    results = report.summarise(stages, compare="pretrain", baseline="scratch")
-    assert results["metrics"]["gain/acc"] == pytest.approx(0.4)
-    assert "**Transfer gain** (pretrain − scratch, test accuracy): **+40.00 points**" in report.table(results)
-    assert "gain/acc" not in report.summarise(stages)["metrics"]  # gain=null

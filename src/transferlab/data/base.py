@@ -36,6 +36,15 @@ def auto_eval_batch(device_type: str, batch_size: int) -> int:
     return 128 if device_type == "cpu" else 4 * batch_size
 
 
+def require_cache_dir(key: str, cache_dir: str | None, what: str) -> None:
+    """A data module that keeps `what` in its cache folder cannot run without one."""
+    if not cache_dir:
+        raise UserError(
+            f"{key}.cache_dir={cache_dir!r}: this data set keeps {what} in that folder. Give a folder there "
+            "(the default is ${paths.cache_dir}/data, under the outputs folder)."
+        )
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Which samples go where and how they reach the model; `role` (source/target) names the config keys in
     messages (`data.<role>.classes`)."""

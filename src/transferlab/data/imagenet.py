@@ -17,7 +17,7 @@ from torchvision.datasets import ImageNet
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
 from transferlab.core.errors import UserError
-from transferlab.data.base import ClassificationDataModule
+from transferlab.data.base import ClassificationDataModule, require_cache_dir
 from transferlab.data.decoded_cache import cached_dir, source_key
 from transferlab.data.files import FixedClassFolder, ImageLoader, check_split_classes, class_folders, readable_dir
 from transferlab.data.imagenet_downsampled import find_files
@@ -60,6 +60,7 @@ class ImageNetDataModule(ClassificationDataModule):
         **kwargs,
     ):
         super().__init__(loader="workers", cache_dir=cache_dir, **kwargs)
+        require_cache_dir(self.key, cache_dir, "the devkit layout's sorted view of val/")
         if layout not in self.layouts:
             raise UserError(
                 f"ImageNet layout={layout!r}: use one of {' | '.join(self.layouts)} "

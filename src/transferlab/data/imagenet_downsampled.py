@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.core.errors import UserError
-from transferlab.data.base import ClassificationDataModule
+from transferlab.data.base import ClassificationDataModule, require_cache_dir
 from transferlab.data.decoded_cache import cached_arrays, source_key
 from transferlab.data.files import load_pickle
 from transferlab.data.inputs import ArrayData
@@ -105,6 +105,7 @@ class DownsampledImageNetDataModule(ClassificationDataModule):
         **kwargs,
     ):
         super().__init__(image_size=image_size, cache_dir=cache_dir, **kwargs)
+        require_cache_dir(self.key, cache_dir, "the decoded images (a memory map shared by DDP ranks and jobs)")
         self.root, self.classes = root, classes
         if classes is not None and not isinstance(classes, int) and any(isinstance(c, str) for c in classes):
             _ = self.class_ids  # wnids: checked against map_clsloc.txt now

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_config, run_cli
-from conftest import TINY as TINY_NO_CACHE
+from helpers.cli import run_cli
+from helpers.config import REPO, compose_config
+from helpers.config import TINY as TINY_NO_CACHE
 
 from transferlab.core.errors import UserError
 from transferlab.run.pipeline import run

@@ -1,4 +1,6 @@
-"""Callbacks the tests inject through the real config (`+callbacks.<name>._target_=helpers.<Class>`)."""
+"""Lightning callbacks the tests inject into real runs through the real config:
+`+callbacks.<name>._target_=helpers.callbacks.<Class>` (and `+callbacks.<name>.<arg>=<value>` for its arguments).
+A run in another process finds them with tests/ on its PYTHONPATH."""
 
 import errno
 import os
@@ -132,3 +134,13 @@ class FillDiskAt(L.Callback):
                     f.flush()
         except OSError:
             pass
+
+
+class SlowEpochs(L.Callback):
+    """Sleep `seconds` after each training epoch: a stage that lasts long enough to be interrupted mid-way."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)

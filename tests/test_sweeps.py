@@ -1,47 +1,14 @@
-"""Multi-process DDP (gloo on CPU), multirun sweeps with their report, and an Optuna search: real runs."""
+"""Multirun sweeps and Optuna searches through the real CLI: a folder per job and the report's table and plots,
+trials sharing their stages through the cache, a failing trial recorded while the search goes on, a repeated
+seed counted once, a restart into a finished search refused before any trial."""
 
 import csv
 import json
-import os
 
 import pytest
 import yaml
-from conftest import REPO, SIZES, TINY, run_cli
-
-ONE_EPOCH = [o for o in TINY if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
-ONE_EPOCH_DEFAULTS = [o for o in SIZES if ".epochs=" not in o] + ["trainer.max_epochs_per_stage=1"]
-
-
-def test_ddp_two_processes_one_manifest_with_the_metrics_every_rank_saw_and_one_console(tmp_path):
-    """The README's multi-GPU command as a user runs it (trainer=ddp_cpu: gloo on CPU), with the default console:
-    rank 1's progress bar asked Lightning for the current eval dataloader's size, which only rank 0's bar sets, and
-    the run died at the first validation (AssertionError on rank 1, gloo's connection reset on rank 0)."""
-    tmp_path = tmp_path / "run"  # outputs/ (the stage cache) stays beside it
-    proc = run_cli(
-        "transferlab",
-        *SIZES,
-        "trainer=ddp_cpu",
-        f"hydra.run.dir={tmp_path}",
-        "+callbacks.record._target_=helpers.RecordTestMetrics",
-        env={"PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"},
-    )
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["manifest.json", "results.json"]
-    manifest = json.loads((tmp_path / "manifest.json").read_text())["stages"]
-    assert list(manifest) == ["source", "pretrain", "finetune", "scratch"]
-    for name, stage in manifest.items():
-        seen = [json.loads((tmp_path / name / f"test_metrics_rank{r}.json").read_text()) for r in (0, 1)]
-        assert seen[0] == seen[1], name  # torchmetrics synced across ranks
-        for key, value in seen[0].items():
-            assert stage["test"][key] == pytest.approx(value, abs=1e-6), (name, key)
-    assert (tmp_path / "train_ddp_process_1.log").is_file()  # Lightning's rank-1 log, in the same folder
-    console = proc.stdout + proc.stderr  # rank 0 speaks for both ranks: one header per stage, one banner
-    for n, name in enumerate(manifest, 1):
-        assert console.count(f"stage {n}/4 {name} ·") == 1, console
-    for line in ("GPU available", "Initializing distributed", "distributed_backend", "Results ("):
-        assert console.count(line) == 1, (line, console)
-    for n, name in enumerate(manifest, 1):  # rank 0's bar, named after the stage; rank 1 draws none
-        assert console.count(f"{name} {n}/4 · test") == 1, console
-    assert not any(p.is_dir() and p.name not in manifest and p.name != ".hydra" for p in tmp_path.iterdir())
+from helpers.cli import run_cli
+from helpers.config import ONE_EPOCH, ONE_EPOCH_DEFAULTS
 
 
 def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_path):
@@ -84,9 +51,17 @@ def test_multirun_gives_each_job_a_folder_and_the_report_a_table_and_plots(tmp_p
     assert "| job | status | seed |" in proc.stdout
 
 
-def test_report_of_a_folder_without_jobs_says_what_it_needs(tmp_path):
-    proc = run_cli("transferlab-report", str(tmp_path), check=False)
-    assert proc.returncode == 2 and "no job folders" in proc.stderr
+def test_a_sweep_that_repeats_a_seed_counts_it_once(tmp_path):
+    """`seed=0,0,1` trains seed 0 twice: the same experiment, one sample (n=2 of 3 jobs), its repeat named."""
+    sweep = tmp_path / "sweep"
+    run_cli("transferlab", "-m", "seed=0,0,1", *ONE_EPOCH, "~stages.scratch", f"hydra.sweep.dir={sweep}")
+    acc = [json.loads((sweep / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
+    run_cli("transferlab-report", str(sweep))
+    with open(sweep / "report_cells.csv") as f:
+        [row] = csv.DictReader(f)
+    assert row["finetune/test/acc n"] == "2"
+    assert float(row["finetune/test/acc mean"]) == pytest.approx(((acc[0] + acc[1]) / 2 + acc[2]) / 2, abs=1e-4)
+    assert (row["jobs"], row["seeds"], row["duplicates"]) == ("3", "0 1", "seed 0: jobs 0 1")
 
 
 @pytest.mark.slow
@@ -107,22 +82,6 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     assert "stages.finetune.optimizer.lr" in best and "best_value" in best
     values = [json.loads((sweep / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
     assert f"best_value: {max(values)}" in best
-
-
-@pytest.mark.slow
-def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
-    """Rank zero decides what comes from the cache and broadcasts it: both ranks skip the same stages."""
-    common = [
-        *(o for o in ONE_EPOCH if o != "cache=false"),
-        "~stages.scratch",
-        "trainer=ddp_cpu",
-        f"paths.output_root={tmp_path}",
-    ]
-    run_cli("transferlab", *common, f"hydra.run.dir={tmp_path / 'a'}")
-    run_cli("transferlab", *common, "stages.finetune.optimizer.lr=0.05", f"hydra.run.dir={tmp_path / 'b'}")
-    stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
-    assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
-    assert not (tmp_path / "b" / "source" / "csv").exists() and (tmp_path / "b" / "finetune" / "csv").is_dir()
 
 
 @pytest.mark.slow
@@ -151,30 +110,6 @@ def test_a_failing_optuna_trial_is_recorded_and_the_search_goes_on(tmp_path):
 def yaml_value(job, key: str) -> str:
     overrides = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
     return next(line.split("=", 1)[1] for line in overrides if line.startswith(f"- {key}="))
-
-
-def test_bf16_mixed_precision_runs_every_stage_on_cpu(tmp_path):
-    proc = run_cli("transferlab", *ONE_EPOCH, "precision=bf16-mixed", f"hydra.run.dir={tmp_path / 'run'}")
-    log = (tmp_path / "run" / "transferlab.log").read_text()  # every Lightning line; the console shows the banner once
-    assert log.count("Using bfloat16 Automatic Mixed Precision") == 4  # one per stage
-    assert (proc.stdout + proc.stderr).count("Using bfloat16 Automatic Mixed Precision") == 1
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["config"]["trainer"]["precision"] == "bf16-mixed"
-    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
-    assert all(0 <= s["test"]["acc"] <= 1 for s in manifest["stages"].values())
-
-
-def test_a_sweep_that_repeats_a_seed_counts_it_once(tmp_path):
-    """`seed=0,0,1` trains seed 0 twice: the same experiment, one sample (n=2 of 3 jobs), its repeat named."""
-    sweep = tmp_path / "sweep"
-    run_cli("transferlab", "-m", "seed=0,0,1", *ONE_EPOCH, "~stages.scratch", f"hydra.sweep.dir={sweep}")
-    acc = [json.loads((sweep / j / "results.json").read_text())["finetune/test/acc"] for j in "012"]
-    run_cli("transferlab-report", str(sweep))
-    with open(sweep / "report_cells.csv") as f:
-        [row] = csv.DictReader(f)
-    assert row["finetune/test/acc n"] == "2"
-    assert float(row["finetune/test/acc mean"]) == pytest.approx(((acc[0] + acc[1]) / 2 + acc[2]) / 2, abs=1e-4)
-    assert (row["jobs"], row["seeds"], row["duplicates"]) == ("3", "0 1", "seed 0: jobs 0 1")
 
 
 @pytest.mark.slow
