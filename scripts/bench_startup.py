@@ -12,11 +12,13 @@ matplotlib, scipy, tensorboard, optuna, submitit, ...).
 
 Given several environments (`--python`, one interpreter each), it times them all in the same rounds, interleaved,
 and reports each one's figures and the per-round differences from the first: e.g. an install with the optuna extra
-(which brings scipy) against one without.
+(which brings scipy) against one without. `--with OVERRIDES` adds an arm on the first interpreter with these
+overrides, timed in the same rounds: e.g. what a timm model costs (`--with "model=timm model.name=resnet18"`).
 
     python scripts/bench_startup.py              # 5 rounds  -> outputs/bench/startup.json
     python scripts/bench_startup.py --rounds 2
     python scripts/bench_startup.py --python .venv/bin/python /tmp/core/bin/python   # two installs, interleaved
+    python scripts/bench_startup.py --with "model=timm model.name=resnet18"            # the default model vs timm's
 """
 
 import argparse
@@ -50,6 +52,8 @@ WATCHED = (
     "lightning",
     "torch",
     "hydra",
+    "timm",
+    "huggingface_hub",
 )
 ARGS = [
     "data.source.source_classes=6",
@@ -97,9 +101,9 @@ def floor_round(python: str) -> float:
     return float(proc.stdout.split()[-1]) - start
 
 
-def one_round(python: str, run_dir: Path, importtime: bool = False) -> tuple[float, float, str]:
+def one_round(python: str, run_dir: Path, importtime: bool = False, extra: tuple = ()) -> tuple[float, float, str]:
     """(wall seconds to the first step, CPU seconds the process used, its stderr) of the `transferlab` installed
-    beside `python`"""
+    beside `python`, with the `extra` overrides"""
     probe = run_dir.with_name(run_dir.name + ".probe")
     env = child_env(STARTUP_PROBE=str(probe))
     if importtime:
@@ -107,7 +111,7 @@ def one_round(python: str, run_dir: Path, importtime: bool = False) -> tuple[flo
     script = Path(python).parent / "transferlab"
     start, cpu = time.time(), cpu_seconds()
     proc = subprocess.run(
-        [str(script), *ARGS, f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=600
+        [str(script), *ARGS, *extra, f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=600
     )
     if not probe.is_file():
         raise SystemExit(f"no training step was reached (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -129,10 +133,12 @@ def imported(stderr: str) -> dict[str, float]:
     return found
 
 
-def summary(python: str, rounds: list, floors: list[float], stderr: str) -> dict:
+def summary(arm: tuple, rounds: list, floors: list[float], stderr: str) -> dict:
     times, cpu = [r[0] for r in rounds], [r[1] for r in rounds]
+    python = arm[0]
     return {
         "python": python,
+        "overrides": list(arm[1]),
         "scipy_installed": installed(python, "scipy"),  # torchmetrics imports scipy.signal at import when it is
         "optuna_installed": installed(python, "optuna"),
         "to_first_step_s": {
@@ -157,31 +163,35 @@ def main() -> None:
     parser.add_argument(
         "--python", nargs="+", default=[sys.executable], help="the interpreters of the installs to time (interleaved)"
     )
+    parser.add_argument("--with", dest="overrides", help="overrides of one more arm, on the first interpreter")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "startup.json"))
     args = parser.parse_args()
-    pythons = args.python
-    rounds = {py: [] for py in pythons}
-    floors = {py: [] for py in pythons}
+    arms = [(py, ()) for py in args.python]
+    if args.overrides:
+        arms.append((args.python[0], tuple(args.overrides.split())))
+    rounds: dict[tuple, list] = {arm: [] for arm in arms}
+    floors: dict[tuple, list] = {arm: [] for arm in arms}
     stderr = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, py in enumerate(pythons):
-            one_round(py, Path(tmp) / f"warm{k}")  # warm-up: bytecode, font cache, page cache
-        for i in range(1, args.rounds + 1):  # alternating which install, and which of run and floor, goes first
-            for k, py in enumerate(pythons if i % 2 else pythons[::-1]):
+        for k, (py, extra) in enumerate(arms):
+            one_round(py, Path(tmp) / f"warm{k}", extra=extra)  # warm-up: bytecode, font cache, page cache
+        for i in range(1, args.rounds + 1):  # alternating which arm, and which of run and floor, goes first
+            for k, arm in enumerate(arms if i % 2 else arms[::-1]):
+                py, extra = arm
                 if i % 2:
-                    rounds[py].append(one_round(py, Path(tmp) / f"run{k}-{i}"))
-                    floors[py].append(floor_round(py))
+                    rounds[arm].append(one_round(py, Path(tmp) / f"run{k}-{i}", extra=extra))
+                    floors[arm].append(floor_round(py))
                 else:
-                    floors[py].append(floor_round(py))
-                    rounds[py].append(one_round(py, Path(tmp) / f"run{k}-{i}"))
-        for k, py in enumerate(pythons):
-            stderr[py] = one_round(py, Path(tmp) / f"importtime{k}", importtime=True)[2]
-    result = {"installs": [summary(py, rounds[py], floors[py], stderr[py]) for py in pythons]}
-    for py in pythons[1:]:  # paired by round: what the machine's drift does to both cancels
-        first = pythons[0]
-        result.setdefault("difference_from_first_s", {})[py] = {
-            "to_first_step": round(statistics.median(b[0] - a[0] for a, b in zip(rounds[first], rounds[py])), 2),
-            "upstream_floor": round(statistics.median(b - a for a, b in zip(floors[first], floors[py])), 2),
+                    floors[arm].append(floor_round(py))
+                    rounds[arm].append(one_round(py, Path(tmp) / f"run{k}-{i}", extra=extra))
+        for k, (py, extra) in enumerate(arms):
+            stderr[(py, extra)] = one_round(py, Path(tmp) / f"importtime{k}", importtime=True, extra=extra)[2]
+    result: dict = {"installs": [summary(arm, rounds[arm], floors[arm], stderr[arm]) for arm in arms]}
+    for arm in arms[1:]:  # paired by round: what the machine's drift does to both cancels
+        first = arms[0]
+        result.setdefault("difference_from_first_s", {})[" ".join([arm[0], *arm[1]])] = {
+            "to_first_step": round(statistics.median(b[0] - a[0] for a, b in zip(rounds[first], rounds[arm])), 2),
+            "upstream_floor": round(statistics.median(b - a for a, b in zip(floors[first], floors[arm])), 2),
         }
     result.update(load_average=os.getloadavg(), cpus=os.cpu_count())
     write_json(args.out, result)

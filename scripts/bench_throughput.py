@@ -1,5 +1,6 @@
 """Training throughput (images/s: forward, backward, SGD step) of the ConvNet and ResNet-18 (32 px, 3x3 stem) on
-whatever device is present, over batch size, fp32/bf16 autocast, channels_last and torch.compile.
+whatever device is present, over batch size, fp32/bf16 autocast, channels_last and torch.compile; and of timm's
+ResNet-50 and ViT-S/16 at their 224 px (`--models timm_resnet50 timm_vit_s16`, for a GPU).
 
 The data sit on the device as uint8 (as `data.device_resident` keeps them on a GPU): a step indexes a random
 batch, converts and normalises it on the device, so the figure is the model's, not the input pipeline's. Every
@@ -11,6 +12,7 @@ Writes outputs/bench/throughput.json, with the CPU's bf16 flags and the load ave
     python scripts/bench_throughput.py            # every combination
     python scripts/bench_throughput.py --quick    # CPU: fewer combinations and shorter timings (a few minutes)
     python scripts/bench_throughput.py --models convnet --batches 64 --precisions 32-true --rounds 3
+    python scripts/bench_throughput.py --models timm_resnet50 timm_vit_s16 --batches 128 --precisions bf16-mixed
 """
 
 import argparse
@@ -26,11 +28,17 @@ from studylib import write_json
 from torch import nn
 from torch.nn import functional as F
 
-from transferlab.models import build_backbone
+from transferlab.models import build_backbone, model_input
 from transferlab.train.speed import NATIVE_BF16_FLAGS, cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"convnet": {"name": "convnet"}, "resnet18": {"name": "resnet18", "small_input": True}}
+MODELS = {
+    "convnet": {"name": "convnet"},
+    "resnet18": {"name": "resnet18", "small_input": True},
+    "timm_resnet50": {"library": "timm", "name": "resnet50"},
+    "timm_vit_s16": {"library": "timm", "name": "vit_small_patch16_224"},
+}
+DEFAULT_MODELS = ["convnet", "resnet18"]  # the timm rows at 224 px are for a GPU: asked for by name
 
 
 def measure(
@@ -49,7 +57,8 @@ def measure(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    images = torch.randint(0, 256, (max(4 * batch, 2048), 3, 32, 32), dtype=torch.uint8, device=device)
+    size = (model_input(MODELS[model_name]) or {"size": 32})["size"]  # a timm model's own input size
+    images = torch.randint(0, 256, (max(4 * batch, 2048), 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (len(images),), device=device)
 
     def step(x, y):
@@ -96,7 +105,7 @@ def configurations(args, device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 512])
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])

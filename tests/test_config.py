@@ -62,13 +62,17 @@ def test_unknown_group_option_lists_the_available_ones(tmp_path):
 
 
 # -- composed configs ----------------------------------------------------------------------------------------
-def _explicit(task, init, init_head, lr, epochs=10, train="all", momentum=0.0, weight_decay=0.0, scheduler="none"):
-    """A stage as conf/recipe/seed.yaml spelled it out before the stage schema (ckpt now result_ckpt)."""
+def _explicit(
+    task, init, init_head, lr, epochs=10, train="all", momentum=0.0, weight_decay=0.0, scheduler="none", weights=True
+):
+    """A stage as conf/recipe/seed.yaml spelled it out before the stage schema (ckpt now result_ckpt; model_weights
+    added with the timm backbones: scratch never starts from the model's pretrained weights)."""
     return {
         "task": task,
         "init": init,
         "init_ckpt": None,
         "init_head": init_head,
+        "model_weights": weights,
         "trainable": train,
         "unfreeze_every": 0,
         "backbone_lr_mult": 1.0,
@@ -90,7 +94,7 @@ def _mission(pretrain_train="all", **every_stage):
         "source": _explicit("source", None, "new", 0.01, **every_stage),
         "pretrain": _explicit("target", "source", "new", 0.01, train=pretrain_train, **every_stage),
         "finetune": _explicit("target", "pretrain", "keep", 0.001, **every_stage),
-        "scratch": _explicit("target", None, "new", 0.01, epochs=20, **every_stage),
+        "scratch": _explicit("target", None, "new", 0.01, epochs=20, weights=False, **every_stage),
     }
 
 

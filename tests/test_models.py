@@ -8,6 +8,7 @@ from torch import nn
 from transferlab.core.errors import UserError
 from transferlab.models import build_backbone
 from transferlab.train.module import ClassifierModule
+from transferlab.train.weights import load_backbone_weights
 
 SGD = {"name": "sgd", "lr": 0.01}
 
@@ -38,20 +39,33 @@ def test_resnet_backbones_on_32px(arch, features):
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, features)
 
 
-def test_resnet_from_local_torchvision_weights(tmp_path):
+def resnet18_module(small_input: bool) -> ClassifierModule:
+    return ClassifierModule(model={"name": "resnet18", "small_input": small_input}, num_classes=3, optimizer=SGD)
+
+
+def test_resnet_from_local_torchvision_weights(tmp_path, caplog):
+    """model.weights (loaded by the stage that starts from them): the file's backbone, its fc left out; with
+    small_input the 3x3 stem cannot take the file's 7x7 one, which stays at random init and is named."""
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    backbone, _ = build_backbone("resnet18", weights=str(tmp_path / "resnet18.pth"))
-    assert torch.equal(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
-    assert torch.equal(backbone.conv1.weight, reference.conv1.weight)  # ImageNet stem kept without small_input
+    module = resnet18_module(small_input=False)
+    load_backbone_weights(module, tmp_path / "resnet18.pth")
+    assert torch.equal(module.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.equal(module.backbone.conv1.weight, reference.conv1.weight)  # ImageNet stem kept without small_input
+    small = resnet18_module(small_input=True)
+    with caplog.at_level("INFO", logger="transferlab"):
+        load_backbone_weights(small, tmp_path / "resnet18.pth")
+    assert torch.equal(small.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert "left at random init on purpose: backbone.conv1.weight" in caplog.text
+    assert "its classifier (fc.weight, fc.bias) is left out on purpose" in caplog.text
 
 
 def test_resnet_weights_of_another_architecture_are_named(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
-    with pytest.raises(UserError, match="does not fit torchvision resnet18"):
-        build_backbone("resnet18", weights=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(UserError, match="does not fit the backbone"):
+        load_backbone_weights(resnet18_module(small_input=False), tmp_path / "resnet50.pth")
     with pytest.raises(UserError, match="does not exist"):
-        build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+        load_backbone_weights(resnet18_module(small_input=False), tmp_path / "missing.pth")
 
 
 def test_unknown_model_lists_the_available_ones():

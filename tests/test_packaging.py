@@ -10,23 +10,19 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 from helpers.cli import assert_user_error
 from helpers.config import REPO, TINY
-from packaging.requirements import Requirement
+from helpers.installs import declared_only_python, normalized
 
 
-def normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def imported_top_levels() -> set[str]:
-    """Top-level modules imported anywhere in src/transferlab (at module level or inside functions)."""
+def imported_top_levels(module_level_only: bool = False) -> set[str]:
+    """Top-level modules imported anywhere in src/transferlab (at module level or inside functions), or at module
+    level only: what importing the package imports."""
     names = set()
     for path in (REPO / "src" / "transferlab").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _walk(ast.parse(path.read_text(), str(path)), module_level_only):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -34,67 +30,31 @@ def imported_top_levels() -> set[str]:
     return names - set(sys.stdlib_module_names) - {"transferlab", "__future__"}
 
 
+def _walk(node: ast.AST, module_level_only: bool):
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if not (module_level_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))):
+            yield from _walk(child, module_level_only)
+
+
 def test_every_imported_library_is_a_declared_dependency():
+    """... or the library of an extra (mlflow, wandb), imported only inside the functions that use it: importing the
+    package never needs an extra."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {normalized(re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]) for dep in project["dependencies"]}
+    name = lambda dep: normalized(re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0])
+    declared = {name(dep) for dep in project["dependencies"]}
+    extras = {name(dep) for extra, deps in project["optional-dependencies"].items() if extra != "dev" for dep in deps}
+    at_import = imported_top_levels(module_level_only=True)
     providers = importlib.metadata.packages_distributions()
     undeclared = {}
     for module in sorted(imported_top_levels()):
         distributions = {normalized(d) for d in providers.get(module, [])}
         assert distributions, f"{module} is imported by transferlab but not installed"
-        if not distributions & declared:
+        if not distributions & declared and not (distributions & extras and module not in at_import):
             undeclared[module] = sorted(distributions)
-    assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
-
-
-def declared_closure() -> set[str]:
-    """The distributions `pip install transferlab` (no extras) installs: the declared dependencies and, through
-    their metadata, everything they require in turn (each with the extras asked for it, environment markers
-    evaluated here)."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    todo = [Requirement(dep) for dep in project["dependencies"]]
-    closure = set()
-    while todo:
-        requirement = todo.pop()
-        name = normalized(requirement.name)
-        if name in closure:
-            continue
-        closure.add(name)
-        for line in importlib.metadata.requires(name) or []:
-            sub = Requirement(line)
-            extras = {"", *requirement.extras}
-            if sub.marker is None or any(sub.marker.evaluate({"extra": extra}) for extra in extras):
-                todo.append(sub)
-    return closure
-
-
-def declared_only_python(root: Path) -> Path:
-    """A virtual environment holding only `declared_closure()`, linked from this one's installed files (no
-    download): an install without extras, as `pip install -e .` makes it. A folder that several distributions
-    share (a namespace package such as hydra_plugins) is made here and linked one level down."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    site = next((root / "lib").glob("python*/site-packages"))
-    keep = declared_closure()
-    owners: dict[tuple[str, ...], set[str]] = {}
-    where: dict[tuple[str, ...], Path] = {}
-    for dist in importlib.metadata.distributions():
-        name = normalized(dist.metadata["Name"])
-        for file in dist.files or []:
-            if file.parts[0] == ".." or name == "transferlab":
-                continue
-            for depth in (1, 2):
-                if len(file.parts) >= depth:
-                    prefix = file.parts[:depth]
-                    owners.setdefault(prefix, set()).add(name)
-                    where[prefix] = Path(dist.locate_file("")).joinpath(*prefix)
-    for prefix in [p for p in owners if len(p) == 1]:
-        if owners[prefix] <= keep:
-            (site / prefix[0]).symlink_to(where[prefix])
-        elif owners[prefix] & keep:  # shared: the kept owners' entries only
-            (site / prefix[0]).mkdir()
-            for sub in [p for p in owners if len(p) == 2 and p[0] == prefix[0] and owners[p] <= keep]:
-                (site / prefix[0] / sub[1]).symlink_to(where[sub])
-    return root / "bin" / "python"
+    assert not undeclared, (
+        f"imported but not in pyproject's dependencies (or an extra's, imported lazily): {undeclared}"
+    )
 
 
 @pytest.fixture(scope="module")

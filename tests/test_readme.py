@@ -9,10 +9,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from helpers.cli import run_cli
 from helpers.config import REPO, SIZES
 from helpers.datasets import write_cifar10, write_cifar100, write_folder, write_imagenet
+from safetensors.torch import save_file
 
 README = REPO / "README.md"
 BUILTIN_SOURCE = [o for o in SIZES if o.startswith("data.source.")]
@@ -53,6 +55,9 @@ def places(tmp_path_factory) -> dict[str, str]:
     env = {"TRANSFERLAB_OUTPUT_ROOT": str(outputs)}
     for name, seed in (("A", 0), ("B", 1)):
         run_cli("transferlab", *SIZES, f"seed={seed}", f"hydra.run.dir={outputs / 'runs' / name}", env=env)
+    weights = root / "models" / "resnet18.safetensors"  # timm's resnet18 as its hub file holds it (classifier too)
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}, weights)
     sweep = outputs / "multirun" / "sweep"
     run_cli("transferlab", "-m", *SIZES, "seed=0,1", "~stages.scratch", f"hydra.sweep.dir={sweep}", env=env)
     return {
@@ -66,6 +71,7 @@ def places(tmp_path_factory) -> dict[str, str]:
         "outputs/runs/B": str(outputs / "runs" / "B"),
         "outputs/multirun/<date_time>": str(sweep),
         "outputs": str(outputs),
+        "/models/resnet18.safetensors": str(weights),
     }
 
 

@@ -103,7 +103,10 @@ BAD_VALUES = [
         "model=convnet takes 32x32 images but data.source.image_size=64: set data.source.image_size=32, "
         "or use a model that takes any size (e.g. model=resnet18).",
     ),
-    (["model.name=vgg"], "model.name='vgg' is unknown; available: convnet, resnet18, resnet50."),
+    (
+        ["model.name=vgg"],
+        "model.name='vgg' is unknown; available: convnet, resnet18, resnet50, or any timm model with model=timm.",
+    ),
     (
         ["objective=finetune/test/accuracy"],
         "objective='finetune/test/accuracy' is not a metric this run will "
@@ -132,9 +135,9 @@ BAD_VALUES = [
     (["stages.finetune.optimzer.lr=0.1"], f"stages.finetune: unknown key optimzer; valid: {STAGE_KEYS}."),
     (
         ["+stages.extra.task=target"],
-        "stages.extra lacks init, init_ckpt, init_head, trainable, unfreeze_every, backbone_lr_mult, layer_decay, "
-        "decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler: a stage added "
-        "on the command line starts from the default stage with +stage@stages.extra=default",
+        "stages.extra lacks init, init_ckpt, init_head, model_weights, trainable, unfreeze_every, backbone_lr_mult, "
+        "layer_decay, decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler: a "
+        "stage added on the command line starts from the default stage with +stage@stages.extra=default",
     ),
     (
         ["stages.pretrain.init=finetune"],

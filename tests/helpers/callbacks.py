@@ -144,3 +144,18 @@ class SlowEpochs(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         time.sleep(self.seconds)
+
+
+class RecordImported(L.Callback):
+    """Each rank writes which of `modules` it has imported by the end of training to `<stage>/imported_rank<N>.json`
+    (a tracker's library, imported only where the tracker reports)."""
+
+    def __init__(self, modules: str):
+        self.modules = modules.split(",")
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+        import sys
+
+        path = Path(trainer.default_root_dir) / f"imported_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(sorted(m for m in self.modules if m in sys.modules)))

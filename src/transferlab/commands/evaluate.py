@@ -11,6 +11,7 @@ from transferlab.commands.common import hydra_app, script
 from transferlab.config import validation
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import atomic_write
+from transferlab.models import model_input
 from transferlab.train.factories import build, make_trainer
 from transferlab.train.metrics import metric_key, split_metrics
 from transferlab.train.weights import load_module
@@ -25,7 +26,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             f"{cfg.ckpt} holds weights that are NaN or infinite ({', '.join(nonfinite[:6])}): the stage that "
             "wrote it diverged, so its metrics would mean nothing. Evaluate a checkpoint of a stage that finished."
         )
-    datamodule = build(cfg.data[cfg.task])
+    datamodule = build(cfg.data[cfg.task], model_input=model_input(module.hparams["model"]))  # as it was trained
     if datamodule.num_classes != module.hparams["num_classes"]:
         raise UserError(
             f"{cfg.ckpt} classifies {module.hparams['num_classes']} classes but data.{cfg.task} has "

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from transferlab.commands.common import FAILED_JOBS, hydra_app, script
 from transferlab.core.errors import UserError
+from transferlab.run import parallel
 
 
 def objective(results: dict, name: str) -> float:
@@ -38,20 +39,25 @@ def run_and_score(cfg: DictConfig) -> float:
         return objective(run(cfg), cfg.objective)
 
 
-_main = hydra_app("config", run_and_score)
+_main = hydra_app("config", parallel.in_a_slot(run_and_score))  # a joblib sweep job: its GPU or share of the cores
 
 
 def main() -> None:
     """`transferlab`: a run, or a sweep (-m) that exits 1 when any of its jobs failed."""
-    from transferlab.config.validation import check_optuna_installed, check_stage_overrides
+    from transferlab.config.validation import check_optuna_installed, check_stage_overrides, check_trackers_installed
 
     try:  # before Hydra, whose messages would not name the valid keys or the missing extra
         check_stage_overrides(sys.argv[1:])
         check_optuna_installed(sys.argv[1:])
+        check_trackers_installed(sys.argv[1:])  # logger=mlflow, logger=[csv,wandb], ...: their extras
+        parallel.check_installed(sys.argv[1:])
     except UserError as err:
         print(f"\ntransferlab: error: {err}", file=sys.stderr)
         sys.exit(2)
-    _main()
+    try:
+        _main()
+    finally:  # joblib sweeps: their worker processes stopped, the jobs that failed in them
+        FAILED_JOBS.extend(parallel.finish())
     if FAILED_JOBS:
         print(
             f"\ntransferlab: {len(FAILED_JOBS)} sweep job(s) failed (see each job's manifest.json):\n  "

@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab import models
 from transferlab.core.checks import MAX_SEED, choice, config_dict, number, show, whole_number
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import not_a_file
 from transferlab.data.splits import check_class_list, check_settings
-from transferlab.models import BACKBONES, INPUT_SIZES
+from transferlab.models import INPUT_SIZES
 from transferlab.train import methods
 from transferlab.train.metrics import METRICS, metric_key
 from transferlab.train.optim import OPTIMIZERS, optimizer_options
+from transferlab.train.weights import check_backbone_weights
 
 # Old names -> new ones. Each old name stays in conf/ as a null placeholder (or, for a group option, a file that
 # sets `refused_option`) so that using it is refused with a message naming the new name.
@@ -42,8 +44,7 @@ def validate(cfg: DictConfig) -> None:
         check_stage(cfg, name, stage)
     tasks = {stage.task for stage in cfg.stages.values()}
     check_data(cfg.data, tasks)
-    if cfg.model.get("name") not in BACKBONES:
-        raise UserError(f"model.name={cfg.model.get('name')!r} is unknown; available: {', '.join(BACKBONES)}.")
+    check_model(cfg)
     check_image_size(cfg, tasks)
     check_gain(cfg)
     whole_number("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
@@ -52,6 +53,7 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(cfg[key], bool):
             raise UserError(f"{key} must be true or false, got {show(cfg[key])}.")
     check_trainer(cfg.trainer)
+    check_trackers(cfg)
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -120,6 +122,52 @@ def check_optuna_installed(overrides: list[str]) -> None:
         )
 
 
+# The experiment trackers (conf/logger/<name>.yaml, run/trackers.py), each a pip extra named after its library
+TRACKERS = ("mlflow", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_trackers_installed(overrides: list[str]) -> None:
+    """`logger=mlflow`, `logger=[csv,wandb]` (or a sweep over loggers) on the command line: a tracker whose extra is
+    missing is refused with the install command before Hydra creates the run folder (Hydra's own error would be a
+    traceback from the first stage's Trainer)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "logger":
+            for name in value.replace("[", ",").replace("]", ",").split(","):
+                if name.strip() in TRACKERS:
+                    _require_tracker(name.strip(), f"logger={value}")
+
+
+def check_trackers(cfg: DictConfig) -> None:
+    """The trackers among the loggers, also where a config file selects them (an experiment, a --config-dir file):
+    each needs its extra (a logger whose `_target_` names mlflow or wandb, transferlab's or Lightning's own), and
+    transferlab's take these options."""
+    for key, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")).lower() if isinstance(node, DictConfig) else ""
+        for name in TRACKERS:
+            if name in target:
+                _require_tracker(name, f"logger.{key} ({node._target_})")
+        if target == "transferlab.run.trackers.mlflowtracker":
+            for option in ("tracking_uri", "experiment_name"):
+                if node.get(option) is not None and not (isinstance(node[option], str) and node[option]):
+                    raise UserError(f"logger.{key}.{option} must be a string or null, got {show(node[option])}.")
+        elif target == "transferlab.run.trackers.wandbtracker":
+            choice(f"logger.{key}.mode", node.get("mode", "offline"), WANDB_MODES)
+
+
+def _require_tracker(name: str, what: str) -> None:
+    try:
+        installed = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        raise UserError(
+            f"{what} needs the {name} extra, which is not installed: pip install 'transferlab[{name}]' (from a "
+            f"checkout: pip install -e '.[{name}]')."
+        )
+
+
 def check_stage(cfg: DictConfig, name: str, stage) -> None:
     at = f"stages.{name}"
     _check_stage_keys(at, stage)
@@ -140,7 +188,7 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
         number(f"{at}.optimizer.weight_decay", stage.optimizer.weight_decay, 0, float("inf"))
     optimizer_options(config_dict(stage.optimizer), f"{at}.optimizer")  # fits torch's
     _mapping(f"{at}.scheduler", stage.scheduler)
-    methods.check(name, stage, cfg.model.get("name"))  # the fine-tuning options and the scheduler
+    methods.check(name, stage, config_dict(cfg.model))  # the fine-tuning options and the scheduler
 
 
 def _check_stage_keys(at: str, stage) -> None:
@@ -261,6 +309,47 @@ def check_data_module(at: str, node: DictConfig) -> None:
     whole_number(f"{at}.seed", node.get("seed", 0), minimum=0, maximum=MAX_SEED)  # its split and augmentation
     classes = node.get("classes")
     check_class_list(at, OmegaConf.to_container(classes) if OmegaConf.is_config(classes) else classes)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The backbone (a name transferlab builds, or a timm model), and where its pretrained weights come from: a
+    local file that exists, or timm's weights in the local Hugging Face cache, found before anything trains."""
+    model = cfg.model
+    models.check_model(config_dict(model))
+    if model.get("weights") is not None and not isinstance(model.weights, str):
+        raise UserError(f"model.weights must be the path of a weights file or null, got {show(model.weights)}.")
+    if not isinstance(model.get("pretrained", False), bool):
+        raise UserError(f"model.pretrained must be true or false, got {show(model.pretrained)}.")
+    if model.get("pretrained") and model.get("library") != "timm":
+        raise UserError(
+            f"model.pretrained=true finds timm's weights in the local Hugging Face cache: it needs model=timm; for "
+            f"{model.name}, give a weights file (model.weights=<file>)."
+        )
+    if model.get("pretrained") and model.get("weights"):
+        raise UserError("model.weights and model.pretrained=true both name the backbone's weights: keep one.")
+    choice("model.input", model.get("input", "model"), ("model", "data"))
+    weights = model_weights_file(model) if any(s.get("model_weights", True) for s in cfg.stages.values()) else None
+    if weights is not None:  # it exists (or is in the cache) and fits the model: checked before anything is written
+        check_backbone_weights(config_dict(model), weights)
+    for name, stage in cfg.stages.items():
+        if not isinstance(stage.get("model_weights", True), bool):
+            raise UserError(f"stages.{name}.model_weights must be true or false, got {show(stage.model_weights)}.")
+
+
+def model_weights_file(model: DictConfig) -> Path | None:
+    """The file the backbone's weights start from: `model.weights`, or timm's pretrained weights in the local
+    Hugging Face cache (`model.pretrained=true`); None for random init."""
+    if model.get("weights"):
+        path = Path(str(model.weights)).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"model.weights={model.weights} {not_a_file(path)}: give a local weights file (.safetensors, "
+                "pytorch_model.bin, a torchvision .pth or a .ckpt), or model.weights=null."
+            )
+        return path
+    if model.get("pretrained"):
+        return models.zoo.pretrained_file(str(model.name))
+    return None
 
 
 def check_image_size(cfg: DictConfig, tasks) -> None:

@@ -128,6 +128,8 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
         start = f"init {stage.init} {Path(init).name} ({stage.init_head} head)"
     elif stage.get("init_ckpt"):
         start = f"init {stage.init_ckpt} ({stage.init_head} head)"
+    elif init is not None:
+        start = f"backbone weights {Path(init).name} (new head)"
     else:
         start = "random init"
     opt = f"{optimizer.get('name', 'sgd')} lr {optimizer['lr']:g}"
@@ -138,11 +140,18 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
         f"stage {names.index(name) + 1}/{len(names)} {name}",
         f"{stage.task} {type(datamodule).__name__} {datamodule.num_classes} classes",
         f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val",
+        *([_input_note(cfg, datamodule)] if getattr(datamodule, "model_input", None) else []),
         start,
         epochs + (" (head only)" if stage.get("trainable") == "head" else ""),
         opt,
     ]
     return " · ".join(parts)
+
+
+def _input_note(cfg, datamodule) -> str:
+    """`input 32 -> 160 px, normalised for test_vit`: the model's input, where it is not the data's own."""
+    wanted = datamodule.model_input
+    return f"input {datamodule.image_size} -> {wanted['size']} px, normalised for {cfg.model.name}"
 
 
 def progress_bars(cfg, name: str) -> list:

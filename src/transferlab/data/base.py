@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -72,6 +73,7 @@ class ClassificationDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         cache_dir: str | None = None,
         role: str = "target",
+        model_input: dict | None = None,  # the model's input (size, mean, std, interpolation): models.model_input
     ):
         super().__init__()
         self.key = f"data.{role}"
@@ -100,6 +102,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.classes, self.seed = val_fraction, test_fraction, classes, seed
         self.samples_per_class, self.label_fraction = samples_per_class, label_fraction
         self.augment, self.image_size, self.cache_dir = augment, image_size, cache_dir
+        self.model_input = cast(
+            dict | None, OmegaConf.to_container(model_input) if OmegaConf.is_config(model_input) else model_input
+        )
+        if model_input:  # images go to the model at its size, normalised as it was pretrained
+            self.mean, self.std = tuple(model_input["mean"]), tuple(model_input["std"])
         self.splits: dict[str, Any] = {}  # the input path's own: (images, labels) for memory, a Dataset for workers
         self.sizes: dict[str, int] = {}
         self._resident: dict = {}
@@ -134,7 +141,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_transform(self) -> Callable:
         """Per-sample transform of the workers path (PIL in, float tensor out)."""
-        ops = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
+        ops = [v2.RandomCrop(self.input_size, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
         return v2.Compose([*self._to_tensor(), *ops, v2.Normalize(self.mean, self.std)])
 
     def eval_transform(self) -> Callable:
@@ -143,10 +150,19 @@ class ClassificationDataModule(L.LightningDataModule):
     def _to_tensor(self) -> list:
         return [
             v2.PILToTensor(),
-            v2.Resize(self.image_size, antialias=True),
-            v2.CenterCrop(self.image_size),
+            v2.Resize(self.input_size, interpolation=self.interpolation, antialias=True),
+            v2.CenterCrop(self.input_size),
             v2.ToDtype(torch.float32, scale=True),
         ]
+
+    @property
+    def input_size(self) -> int:
+        """The side of the images the model gets: the model's input size where it asks for one, else image_size."""
+        return int(self.model_input["size"]) if self.model_input else self.image_size
+
+    @property
+    def interpolation(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode((self.model_input or {}).get("interpolation", "bilinear"))
 
     # -- class subsets and splits ----------------------------------------------------------------
     @property

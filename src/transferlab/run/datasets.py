@@ -3,7 +3,9 @@ of the stages to train before any of them trains, and each stage's module."""
 
 from omegaconf import DictConfig
 
+from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError
+from transferlab.models import model_input
 from transferlab.run.plan import StagePlan
 from transferlab.train.factories import build
 
@@ -16,8 +18,12 @@ class Datasets:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.model_input = model_input(config_dict(cfg.model))  # a timm model's size and normalisation, or None
         tasks = {stage.task for stage in cfg.stages.values() if not stage.get("result_ckpt")}
-        self.loaded = {task: build(cfg.data[task]) for task in sorted(tasks)}
+        self.loaded = {task: self.build(task) for task in sorted(tasks)}
+
+    def build(self, task: str):
+        return build(self.cfg.data[task], model_input=self.model_input)
 
     def hashes(self) -> dict[str, str]:
         return {task: module.data_hash() for task, module in self.loaded.items()}
@@ -32,4 +38,4 @@ class Datasets:
                 )
 
     def take(self, task: str):
-        return self.loaded.pop(task, None) or build(self.cfg.data[task])
+        return self.loaded.pop(task, None) or self.build(task)

@@ -18,7 +18,7 @@ from transferlab.config import validation
 from transferlab.core import provenance
 from transferlab.core.console import global_rank
 from transferlab.core.fileio import writable_dir
-from transferlab.run import attempts, results
+from transferlab.run import attempts, results, trackers
 from transferlab.run.datasets import Datasets
 from transferlab.run.interrupt import INTERRUPTIONS, outcome
 from transferlab.run.manifest import Manifest, StageRecord
@@ -64,6 +64,7 @@ def run_stages(cfg: DictConfig, folder: RunFolder) -> dict:
             pending.append(plan)
     # bad data fails here, before any training (stages given as a checkpoint or in the cache need none)
     data.check([p for p in pending if p.result_file is None and not folder.cache.has(p.name, p.hash)])
+    trackers.start(cfg, folder.dir)  # logger=mlflow: the run's MLflow run, new or continued (nothing otherwise)
     for plan in pending:
         try:
             record = obtain_stage(cfg, plan, folder, data)
@@ -76,11 +77,13 @@ def run_stages(cfg: DictConfig, folder: RunFolder) -> dict:
                 plan.name,
                 failed(plan, folder, err, status),
             )
+            trackers.fail(cfg, folder.dir, err)
             raise
         folder.manifest.record(plan.name, record)
     summary = results.summarise(folder.manifest.stages, **(cfg.gain or {}))
     if global_rank() == 0:
         results.write(folder.dir, summary)
+    trackers.finish(cfg, folder.dir, summary)  # the results to the trackers' runs, which end
     return summary
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferlab import __version__
+from transferlab.config.validation import model_weights_file
 from transferlab.core.checks import config_dict
 from transferlab.core.digests import file_digest, json_digest
 from transferlab.core.errors import UserError
+from transferlab.models import WEIGHT_KEYS
 from transferlab.run.manifest import Manifest, StageRecord
 
 NEW_HEAD_DRAW = "own stream (seed, stage name)"  # since the new head stopped replaying the source head's init
@@ -35,6 +37,7 @@ class StagePlan:
     new_head: bool = (
         False  # a fresh head for this task's classes (init_head=new, where the weights come from elsewhere)
     )
+    model_weights: Path | None = None  # the backbone's starting weights (model.weights / model.pretrained), if used
 
     @property
     def starts_from(self) -> str | None:
@@ -49,23 +52,37 @@ class StagePlan:
 def plan_stages(cfg: DictConfig, data_hashes: dict[str, str]) -> list[StagePlan]:
     """`data_hashes`: each task's data content hash (`ClassificationDataModule.data_hash`)."""
     plans: dict[str, StagePlan] = {}
+    weights = model_weights_file(cfg.model)
     for name, stage in cfg.stages.items():
         result = Path(stage.result_ckpt).expanduser().resolve() if stage.get("result_ckpt") else None
         init_file = Path(stage.init_ckpt).expanduser() if stage.get("init_ckpt") else None
+        starts_empty = result is None and not stage.init and init_file is None
+        backbone = weights if starts_empty and stage.get("model_weights", True) else None
         upstream = plans[stage.init].hash if stage.init in plans else None
-        config = stage_config(cfg, name, upstream, result, init_file)
+        config = stage_config(cfg, name, upstream, result, init_file, backbone)
         if result is None:
             config[f"data.{stage.task} (content hash of its files)"] = data_hashes[stage.task]
         config = json.loads(json.dumps(config, sort_keys=True, default=str))
         new_head = bool(stage.init or init_file) and stage.init_head == "new"
         seed = cfg.seed if stage.get("seed") is None else stage.seed
-        plans[name] = StagePlan(name, stage, json_digest(config), config, seed, stage.init, init_file, result, new_head)
+        plans[name] = StagePlan(
+            name, stage, json_digest(config), config, seed, stage.init, init_file, result, new_head, backbone
+        )
     return list(plans.values())
 
 
-def stage_config(cfg: DictConfig, name: str, upstream: str | None, result: Path | None, init_file: Path | None) -> dict:
+def stage_config(
+    cfg: DictConfig,
+    name: str,
+    upstream: str | None,
+    result: Path | None,
+    init_file: Path | None,
+    backbone: Path | None = None,
+) -> dict:
     """What determines a stage's result: its recipe, data, model, seed, trainer, its upstream stage and the content
-    of a checkpoint file it starts from; for a given result (`stages.<name>.result_ckpt`), that file's content."""
+    of a checkpoint or weights file it starts from; for a given result (`stages.<name>.result_ckpt`), that file's
+    content. `model_weights` and the model's weight keys enter only as the content of the file the stage starts from
+    (where it uses one), so the hashes of stages they do not change stay as they were."""
     stage = cfg.stages[name]
     if result is not None:
         return {
@@ -76,16 +93,22 @@ def stage_config(cfg: DictConfig, name: str, upstream: str | None, result: Path 
         }
     config = {
         "transferlab version": __version__,
-        f"stages.{name}": config_dict(stage),
+        f"stages.{name}": {k: v for k, v in config_dict(stage).items() if k != "model_weights"},
         f"data.{stage.task}": {k: v for k, v in config_dict(cfg.data[stage.task]).items() if k != "cache_dir"},
-        "model": config_dict(cfg.model),
+        "model": {k: v for k, v in config_dict(cfg.model).items() if not (k in WEIGHT_KEYS and v)},
         "seed": cfg.seed if stage.get("seed") is None else stage.seed,
-        "trainer": {k: v for k, v in config_dict(cfg.trainer).items() if k not in UI_KEYS},
+        "trainer": {  # one device is one device, whatever its index (a joblib job runs on GPU k: run.parallel)
+            k: 1 if k == "devices" and isinstance(v, list) and len(v) == 1 else v
+            for k, v in config_dict(cfg.trainer).items()
+            if k not in UI_KEYS
+        },
         f"stages.{stage.init} (the init stage's config hash)": upstream,
         "scale_lr, reference_batch_size": [cfg.scale_lr, cfg.reference_batch_size] if cfg.scale_lr else None,
     }
     if init_file is not None:  # the file's content, not only its path: a replaced file is another stage
         config[f"stages.{name}.init_ckpt (content sha256)"] = _digest(init_file, f"stages.{name}.init_ckpt")
+    if backbone is not None:
+        config["model weights (content sha256)"] = _digest(backbone, "model.weights")
     if (stage.init or init_file) and stage.init_head == "new":
         config["new head"] = NEW_HEAD_DRAW  # a key only where it applies: the other stages' hashes stay as they were
     return config

@@ -16,6 +16,7 @@ from transferlab.core import console
 from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError, user_message
 from transferlab.core.fileio import not_a_file
+from transferlab.run import trackers
 from transferlab.run.manifest import Manifest, StageRecord
 from transferlab.run.plan import StagePlan, new_head_seed
 from transferlab.run.stage_cache import NoCache, StageCache
@@ -25,7 +26,7 @@ from transferlab.train.checkpoint_files import check_resumable
 from transferlab.train.factories import build, make_trainer
 from transferlab.train.metrics import metric_key, split_metrics
 from transferlab.train.module import ClassifierModule
-from transferlab.train.weights import draw_new_head, init_from_checkpoint
+from transferlab.train.weights import draw_new_head, init_from_checkpoint, load_backbone_weights
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
         last_ckpt=os.path.relpath(last, folder.dir),
     )
     folder.manifest.record(plan.name, record)  # before the first step: the hash its checkpoints are trained under
-    init = plan.init_checkpoint(folder.manifest)
+    init = plan.init_checkpoint(folder.manifest) or plan.model_weights
     log.info("%s", console.stage_header(cfg, plan.name, datamodule, trainer, optimizer, bool(resumed), init))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
@@ -89,7 +90,7 @@ def stage_trainer(cfg: DictConfig, plan: StagePlan, stage_dir: Path) -> tuple[L.
         max_epochs=plan.stage.epochs,
         callbacks=callbacks,
         default_root_dir=str(stage_dir),
-        logger=[build(lg, save_dir=str(stage_dir)) for lg in cfg.logger.values()],
+        logger=trackers.stage_loggers(cfg, plan.name, stage_dir),  # cfg.logger's, a tracker's on rank 0 only
     )
     return trainer, checkpoint
 
@@ -118,6 +119,8 @@ def start_weights(plan: StagePlan, folder: RunFolder, module: ClassifierModule) 
         init_from_checkpoint(module, init, new_head=plan.new_head)
         if plan.new_head:
             draw_new_head(module, new_head_seed(plan.seed, name))
+    elif plan.model_weights is not None:  # the model's pretrained backbone; the head stays at its random init
+        load_backbone_weights(module, plan.model_weights)
     return []
 
 

@@ -50,7 +50,7 @@ def options(stage) -> dict:
     return {key: plain[key] for key in DEFAULTS if key in plain}
 
 
-def check(name: str, stage, model_name: str) -> None:
+def check(name: str, stage, model: dict) -> None:
     """Every fine-tuning option of `stages.<name>`, and its scheduler, named with the fix when wrong."""
     where = f"stages.{name}"
     opts = {**DEFAULTS, **options(stage)}
@@ -61,8 +61,8 @@ def check(name: str, stage, model_name: str) -> None:
     for key, (test, what) in RULES.items():
         if not test(opts[key]):
             raise UserError(f"{where}.{key}={opts[key]!r}: must be {what}.")
-    if model_name in BLOCKS:  # an unknown model is named when it is built
-        trainable = resolve_trainable(opts["trainable"], model_name, f"{where}.trainable")
+    if model.get("library") or model.get("name") in BLOCKS:  # an unknown model is named when it is built
+        trainable = resolve_trainable(opts["trainable"], model, f"{where}.trainable")
         every, epochs = opts["unfreeze_every"], stage.get("epochs")
         if every and isinstance(epochs, int) and every >= epochs and len(trainable) > 1:
             raise UserError(

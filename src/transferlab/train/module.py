@@ -42,12 +42,12 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters()
         self.backbone, features = build_backbone(**model)
         self.head = nn.Linear(features, num_classes)
-        self.blocks = model_blocks(self.backbone, self.head, model["name"])
-        self.trainable = resolve_trainable(trainable, model["name"])
-        for name, modules in self.blocks.items():
+        self.blocks = model_blocks(self.backbone, self.head, model)
+        self.trainable = resolve_trainable(trainable, model)
+        for name, block in self.blocks.items():
             if name not in self.trainable:
-                for module in modules:
-                    module.requires_grad_(False)
+                for param in block.params:
+                    param.requires_grad_(False)
         self.l2sp = {**DEFAULTS["l2sp"], **(l2sp or {})}
         self.bss = {**DEFAULTS["bss"], **(bss or {})}
         self.w0: dict[str, torch.Tensor] | None = None  # L2-SP's starting point, taken when training starts

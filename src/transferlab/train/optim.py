@@ -3,12 +3,15 @@ biases) and the learning-rate schedule (warm-up, then none | cosine | step; per 
 
 import inspect
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from transferlab.core.checks import is_number, number, whole_number
 from transferlab.core.errors import UserError
+
+if TYPE_CHECKING:
+    from transferlab.train.finetuning import Block
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 SCHEDULES = ("none", "cosine", "step")
@@ -16,7 +19,7 @@ SCHEDULER_KEYS = {"name", "warmup_epochs", "interval", "step_size", "gamma"}
 
 
 def param_groups(
-    blocks: dict[str, list[nn.Module]],
+    blocks: dict[str, "Block"],
     lr: float,
     backbone_lr_mult: float = 1.0,
     layer_decay: float = 1.0,
@@ -24,16 +27,18 @@ def param_groups(
 ) -> list[dict]:
     """One group per block (and per decay / no decay), named after it, with lr x `scale`:
     scale = backbone_lr_mult (1 for the head) x layer_decay^(L-1-i) for block i of the model's L blocks (timm's
-    layer-wise decay: the head, last, gets 1). Only parameters that require gradients are included. With every
-    option off, one unnamed group: torch's default, as before these options existed."""
-    trains = lambda modules: [p for m in modules for p in m.parameters() if p.requires_grad]
+    layer-wise decay: the head, last, gets 1). With `decay_norm_bias=false`, weight decay skips every 1-d parameter
+    (norm weights, biases) and those the model says to (timm's `no_weight_decay()`: position embeddings, class
+    tokens), as timm's `param_groups_layer_decay` does. Only parameters that require gradients are included. With
+    every option off, one unnamed group: torch's default, as before these options existed."""
+    trains = lambda params: [p for p in params if p.requires_grad]
     if backbone_lr_mult == 1 and layer_decay == 1 and decay_norm_bias:
-        return [{"params": trains(m for modules in blocks.values() for m in modules)}]
+        return [{"params": trains(p for block in blocks.values() for p in block.params)}]
     groups, last = [], len(blocks) - 1
-    for i, (name, modules) in enumerate(blocks.items()):
+    for i, (name, block) in enumerate(blocks.items()):
         scale = layer_decay ** (last - i) * (1.0 if name == "head" else backbone_lr_mult)
-        params = trains(modules)
-        skip = [not decay_norm_bias and p.ndim <= 1 for p in params]  # 1-d: norm weights and biases, biases
+        params = trains(block.params)
+        skip = [not decay_norm_bias and (p.ndim <= 1 or id(p) in block.no_decay) for p in params]
         decay = [p for p, s in zip(params, skip) if not s]
         no_decay = [p for p, s in zip(params, skip) if s]
         if decay:
