@@ -116,10 +116,18 @@ def test_a_failing_job_makes_the_sweep_exit_1_naming_it_while_the_others_finish(
 
 
 @pytest.mark.slow
-def test_with_the_defaults_ctrl_c_stops_a_joblib_sweep_with_130_and_the_same_command_resumes_its_jobs(tmp_path):
+@pytest.mark.parametrize(
+    "to_group, sig, code", [(True, signal.SIGINT, 130), (False, signal.SIGTERM, 143)], ids=["ctrl-c", "kill"]
+)
+def test_with_the_defaults_a_stopped_joblib_sweep_marks_its_jobs_interrupted_and_the_same_command_resumes_them(
+    tmp_path, to_group, sig, code
+):
     """As a user runs it (progress bar, stage cache, precision=auto): both jobs wait in their source stage's epoch 1
-    (after epoch 0's last.ckpt), Ctrl-C reaches the whole process group (the launching process and the loky workers,
-    as a terminal sends it), then the same command resumes each job from its last.ckpt and finishes."""
+    (after epoch 0's last.ckpt). Ctrl-C reaches the whole process group (the launching process and the loky workers,
+    as a terminal sends it); `kill PID` (a scheduler's) reaches the launching process alone, which passes it on.
+    Either way the sweep exits 128 + signal with one line naming the sweep, after every running job marked its
+    stage interrupted (joblib's abort killed the workers first: a job was left `running`, and a `kill` left the
+    workers training on), no worker is left, and the same command resumes each job from its last.ckpt."""
     sweep, outputs = tmp_path / "sweep", tmp_path / "outputs"
     command = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *SOURCE_ONLY_DEFAULTS]
     command += [f"hydra.sweep.dir={sweep}"]
@@ -141,12 +149,24 @@ def test_with_the_defaults_ctrl_c_stops_a_joblib_sweep_with_130_and_the_same_com
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
     _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"transferlab: stopped by {sig.name}: the sweep in {sweep} is stopped; its running jobs marked their stages "
+        f"interrupted (each job's manifest.json). Re-run the same command (hydra.sweep.dir={sweep}) to resume: "
+        "finished stages are reused and interrupted ones resume from their last checkpoint."
+    )
+    workers = {
+        int(m["pid"]) for job in ("0", "1") for m in SLOT_LINE.finditer((sweep / job / "transferlab.log").read_text())
+    }
+    time.sleep(1)
+    for pid in workers:  # stopped with the sweep, not left training
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
     for job in ("0", "1"):
         source = stages(sweep / job)["source"]
-        assert source["status"] in ("interrupted", "running"), source  # running: joblib stopped its worker first
+        assert source["status"] == "interrupted" and source["reason"] == f"Interrupted: stopped by {sig.name}"
         assert (sweep / job / "source" / "checkpoints" / "last.ckpt").is_file()
     assert not list((outputs / "cache" / "stages").glob("source-*/entry.json"))  # nothing half-trained published
     done = cli("transferlab", *command, env=env)

@@ -111,10 +111,14 @@ def _exit_interrupted(stop, cfg: DictConfig) -> None:
     )
     from transferlab.core.console import global_rank
 
+    folder = (  # a sweep's job resumes when the sweep is re-run into its folder
+        f"hydra.sweep.dir={HydraConfig.get().sweep.dir}"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        else f"hydra.run.dir={run_dir}"
+    )
     if global_rank() == 0:  # under DDP every rank stops (rank 0 forwards the signal): one line, not one each
         print(
-            f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder (hydra.run.dir={run_dir}) "
-            "to resume.",
+            f"\ntransferlab: {stop}: {where}. Re-run the same command into that folder ({folder}) to resume.",
             file=sys.stderr,
         )
     sys.exit(stop.exit_code)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from transferlab.commands.common import FAILED_JOBS, hydra_app, script
 from transferlab.core.errors import UserError
 from transferlab.run import parallel
+from transferlab.run.interrupt import Interrupted
 
 
 def objective(results: dict, name: str) -> float:
@@ -56,6 +57,9 @@ def main() -> None:
         sys.exit(2)
     try:
         _main()
+    except Interrupted as stop:  # a joblib sweep stopped by a signal (raised in this process by run.parallel only)
+        print(f"\ntransferlab: {parallel.stopped_message(stop)}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     finally:  # joblib sweeps: their worker processes stopped, the jobs that failed in them
         FAILED_JOBS.extend(parallel.finish())
     if FAILED_JOBS:

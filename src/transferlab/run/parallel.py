@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -37,6 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transferlab.core.console import FILE_ONLY
 from transferlab.core.errors import UserError, user_message
 from transferlab.core.fileio import Timeout, lock
+from transferlab.run.interrupt import SIGNALS, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ SLOT, FAILED = ".transferlab-slot-{}.lock", ".transferlab-failed-{}.txt"  # in t
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 GPUS = ("gpu", "cuda")
 _launched: list[Path] = []  # the joblib sweeps this process launched (their folders): it is the sweep's parent
+_stopping: list[int] = []  # the signal that is stopping the sweep, once one has arrived
+JOBS_STOP_S = 120  # how long a stopped sweep waits for its running jobs to mark their stages interrupted
 
 
 def asked_for(overrides: list[str]) -> bool:
@@ -113,6 +117,46 @@ class CheckParallelSweep(Callback):
         for stale in sweep.glob(FAILED.format("*")):  # an earlier sweep into this folder
             stale.unlink(missing_ok=True)
         _launched.append(sweep)
+        _stopping.clear()
+        for signum in SIGNALS:
+            signal.signal(signum, _stop_sweep)
+
+
+def _stop_sweep(signum: int, frame) -> None:
+    """SIGINT or SIGTERM in the process that launched a joblib sweep. Ctrl-C reaches the workers too, but a
+    `kill` of this process (a scheduler's) reaches only it: the signal is passed on to every worker. Then wait
+    until the running jobs have marked their stages interrupted and let go of their slots, and only then stop the
+    sweep: joblib's abort kills its workers, and a job killed before it wrote its manifest would be left
+    `running`. The jobs not started are not run; the same command resumes the sweep (`commands.main`)."""
+    if _stopping:  # a second signal: the first is being handled (SIGKILL still ends the process)
+        return
+    _stopping.append(signum)
+    executor = getattr(sys.modules.get("joblib.externals.loky.reusable_executor"), "_executor", None)
+    for pid in list(getattr(executor, "_processes", None) or {}):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + JOBS_STOP_S
+    for sweep in _launched:
+        for slot in sweep.glob(SLOT.format("*")):
+            held = lock(slot, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                held.acquire()
+                held.release()
+            except Timeout:
+                log.warning("A job of the sweep still held %s after %d s; stopping it anyway.", slot, JOBS_STOP_S)
+    raise Interrupted(signum)
+
+
+def stopped_message(stop: Interrupted) -> str:
+    """The line of a joblib sweep stopped by a signal (`_stop_sweep`)."""
+    sweeps = ", ".join(str(sweep) for sweep in _launched)
+    return (
+        f"{stop}: the sweep in {sweeps} is stopped; its running jobs marked their stages interrupted (each job's "
+        f"manifest.json). Re-run the same command (hydra.sweep.dir={sweeps}) to resume: finished stages are "
+        "reused and interrupted ones resume from their last checkpoint."
+    )
 
 
 def check(config: DictConfig) -> None:
