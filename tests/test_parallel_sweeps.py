@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import ENV, assert_user_error, cli, run_cli
-from helpers.config import REPO, SOURCE_ONLY, SOURCE_ONLY_DEFAULTS, TINY, compose_config
+from helpers.cli import ENV, assert_user_error, cli, run_cli, start_as_shell_job
+from helpers.config import SOURCE_ONLY, SOURCE_ONLY_DEFAULTS, TINY, compose_config
 
 from transferlab.run.parallel import cores
 from transferlab.run.plan import stage_config
@@ -134,16 +133,7 @@ def test_with_the_defaults_a_stopped_joblib_sweep_marks_its_jobs_interrupted_and
     env = {**ENV, "TRANSFERLAB_OUTPUT_ROOT": str(outputs)}
     wait = ["+callbacks.wait._target_=helpers.callbacks.MarkAndWaitAtStep", "+callbacks.wait.stage=source"]
     wait += ["+callbacks.wait.step=20", f"+callbacks.wait.marker={tmp_path}/marker-${{hydra:job.num}}"]
-    proc = subprocess.Popen(  # its own process group, as a shell job (tests/helpers/cli.py: start_and_wait)
-        [str(Path(sys.executable).parent / "transferlab"), *command, *wait],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_as_shell_job([str(Path(sys.executable).parent / "transferlab"), *command, *wait], env)
     deadline = time.time() + 400
     while not all((tmp_path / f"marker-{n}").exists() for n in (0, 1)):  # both jobs at once, mid-stage
         assert proc.poll() is None, proc.stderr.read()[-3000:]

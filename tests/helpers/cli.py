@@ -85,10 +85,21 @@ def start_and_wait(
         f"+callbacks.wait.step={step}",
         f"+callbacks.wait.marker={marker}",
     ]
-    proc = subprocess.Popen(  # its own process group, as a shell job: Ctrl-C (SIGINT to the group) can be sent
+    proc = start_as_shell_job(args)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+def start_as_shell_job(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A command in its own process group, as a shell job: Ctrl-C (SIGINT to the group) can be sent."""
+    return subprocess.Popen(
         args,
         cwd=REPO,
-        env=ENV,
+        env=env or ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -97,12 +108,6 @@ def start_and_wait(
         # (POSIX), and a run started with SIGINT ignored rightly keeps ignoring it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    return proc
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -132,7 +132,10 @@ def _stop_sweep(signum: int, frame) -> None:
         return
     _stopping.append(signum)
     executor = getattr(sys.modules.get("joblib.externals.loky.reusable_executor"), "_executor", None)
-    for pid in list(getattr(executor, "_processes", None) or {}):
+    workers = list(getattr(executor, "_processes", None) or {})
+    if not workers:  # n_jobs=1: joblib runs the job in this process, which stops it as any run
+        raise Interrupted(signum)
+    for pid in workers:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
