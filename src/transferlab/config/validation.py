@@ -19,6 +19,7 @@ from transferlab import models
 from transferlab.core.checks import MAX_SEED, choice, config_dict, number, show, whole_number
 from transferlab.core.errors import UserError
 from transferlab.core.fileio import not_a_file
+from transferlab.data.corruptions import check_corruption
 from transferlab.data.splits import check_class_list, check_settings
 from transferlab.models import INPUT_SIZES
 from transferlab.train import methods
@@ -307,6 +308,9 @@ def check_data_module(at: str, node: DictConfig) -> None:
     )
     whole_number(f"{at}.image_size", node.get("image_size", 32))
     whole_number(f"{at}.seed", node.get("seed", 0), minimum=0, maximum=MAX_SEED)  # its split and augmentation
+    if "corruption" in node:  # a shifted data set (data/dataset/cifar10_shifted.yaml)
+        check_corruption(at, node.corruption, node.get("severity"))
+        whole_number(f"{at}.corruption_seed", node.get("corruption_seed", 0), minimum=0, maximum=MAX_SEED)
     classes = node.get("classes")
     check_class_list(at, OmegaConf.to_container(classes) if OmegaConf.is_config(classes) else classes)
 

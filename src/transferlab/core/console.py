@@ -138,7 +138,7 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
     epochs = f"{trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''}"
     parts = [
         f"stage {names.index(name) + 1}/{len(names)} {name}",
-        f"{stage.task} {type(datamodule).__name__} {datamodule.num_classes} classes",
+        f"{stage.task} {datamodule.describe()} {datamodule.num_classes} classes",
         f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val",
         *([_input_note(cfg, datamodule)] if getattr(datamodule, "model_input", None) else []),
         start,

@@ -4,6 +4,7 @@ dataset; any of them can be the source or the target."""
 from transferlab.data.base import ClassificationDataModule
 from transferlab.data.builtin import BuiltinDataModule
 from transferlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from transferlab.data.cifar_shifted import ShiftedCIFAR10DataModule
 from transferlab.data.image_folder import ImageFolderDataModule
 from transferlab.data.imagenet import ImageNetDataModule
 from transferlab.data.imagenet_downsampled import DownsampledImageNetDataModule
@@ -13,6 +14,7 @@ __all__ = [
     "BuiltinDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "ShiftedCIFAR10DataModule",
     "ImageFolderDataModule",
     "ImageNetDataModule",
     "DownsampledImageNetDataModule",

@@ -134,6 +134,10 @@ class ClassificationDataModule(L.LightningDataModule):
         """The files the data is read from (subclasses that read files say which)."""
         return []
 
+    def describe(self) -> str:
+        """The data's name in the stage header (a variant adds what sets it apart, e.g. a corruption)."""
+        return type(self).__name__
+
     def identity_params(self) -> dict | None:
         """What else determines the data besides its files and the split settings (e.g. a generator's
         parameters, a label type)."""
