@@ -57,6 +57,14 @@ BAD_VALUES = [
         "stages.pretrain.scheduler.name='cosin' is unknown; available: none, cosine, step.",
     ),
     (["data.batch_size=abc"], 'data.batch_size must be a whole number of at least 1, got "abc".'),
+    (
+        ["data/target=cifar10_shifted", "data.target.corruption=fgo"],
+        'data.target.corruption="fgo" is not a CIFAR-10-C corruption (did you mean fog?); available: gaussian_noise,',
+    ),
+    (
+        ["data/target=cifar10_shifted", "data.target.severity=0"],
+        "data.target.severity must be a whole number from 1 to 5, got 0.",
+    ),
     # a TypeError from Path(None) before: the ImageNet layouts keep what they build in their cache folder
     (
         ["data/source=imagenet", "data.source.root=/nowhere", "data.source.cache_dir=null"],
