@@ -7,7 +7,7 @@ severity 1..5, a numpy Generator (the only source of randomness), returning uint
 elementwise float32 numpy (no threaded reductions), so a result is the same in every process.
 
 Left out: frost (needs the paper's frost photographs, which transferlab does not ship), snow and spatter (built
-on OpenCV's and ImageMagick's filters), glass blur (a per-pixel swap loop, minutes per 10,000 images in numpy).
+on OpenCV's and ImageMagick's filters), glass blur (a sequential per-pixel swap loop, which does not vectorise).
 Where the original calls a library filter, this is the filter's definition: motion blur is ImageMagick's
 one-sided Gaussian line kernel, zoom uses scipy's corner-aligned bilinear zoom, the blurs' borders are those of
 the original (scikit-image: nearest; OpenCV: reflect-101). Cost for the 60,000 CIFAR-10 images: docs/shifted_target.md.
