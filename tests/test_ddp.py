@@ -56,3 +56,40 @@ def test_ddp_runs_reuse_cached_stages_on_every_rank(tmp_path):
     stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
     assert [stages[s]["cached"] for s in ("source", "pretrain", "finetune")] == [True, True, False]
     assert not (tmp_path / "b" / "source" / "csv").exists() and (tmp_path / "b" / "finetune" / "csv").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("l2sp", []),
+        ("fixmatch", ["data.target.samples_per_class=4", "stages.finetune.ema_decay=0.9"]),
+    ],
+)
+def test_ddp_stages_with_added_loss_terms_under_the_default_console(tmp_path, recipe, extra):
+    """A stage that logs a term of its loss (L2-SP's, FixMatch's) under DDP with the default console: the term was
+    logged with sync_dist=True and reduced when rank 0's progress bar first read it at the epoch's end, a
+    collective that rank 1 (no bar) never joined: `recipe=l2sp trainer=ddp_cpu` hung at pretrain's first epoch.
+    FixMatch + EMA on top: each rank its own shard of the unlabeled images, the EMA the result on both ranks."""
+    run_dir = tmp_path / "run"
+    run_cli(
+        "transferlab",
+        *SIZES,
+        f"recipe={recipe}",
+        *extra,
+        "~stages.scratch",
+        "objective=finetune/test/acc",
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.record._target_=helpers.callbacks.RecordTestMetrics",
+        env={"PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"},
+    )
+    finetune = json.loads((run_dir / "manifest.json").read_text())["stages"]["finetune"]
+    assert finetune["status"] == "done"
+    seen = [json.loads((run_dir / "finetune" / f"test_metrics_rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]
+    assert finetune["test"]["acc"] == pytest.approx(seen[0]["acc"], abs=1e-6)
+    term = "train/l2sp" if recipe == "l2sp" else "train/unlabeled_loss"
+    assert term in (run_dir / "finetune" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    if recipe == "fixmatch":
+        assert finetune["data"]["unlabeled"]["images"] == 40

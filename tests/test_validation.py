@@ -144,7 +144,8 @@ BAD_VALUES = [
     (
         ["+stages.extra.task=target"],
         "stages.extra lacks init, init_ckpt, init_head, model_weights, trainable, unfreeze_every, backbone_lr_mult, "
-        "layer_decay, decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler: a "
+        "layer_decay, decay_norm_bias, label_smoothing, l2sp, bss, ema_decay, unlabeled, test_task, result_ckpt, "
+        "epochs, seed, optimizer, scheduler: a "
         "stage added on the command line starts from the default stage with +stage@stages.extra=default",
     ),
     (

@@ -51,7 +51,8 @@ ONE_EPOCH_DEFAULTS = [o for o in SIZES if ".epochs=" not in o] + ["trainer.max_e
 # The keys of a stage, in the order of the default stage (conf/stage/default.yaml)
 STAGE_KEYS = (
     "task, init, init_ckpt, init_head, model_weights, trainable, unfreeze_every, backbone_lr_mult, layer_decay, "
-    "decay_norm_bias, label_smoothing, l2sp, bss, result_ckpt, epochs, seed, optimizer, scheduler"
+    "decay_norm_bias, label_smoothing, l2sp, bss, ema_decay, unlabeled, test_task, result_ckpt, epochs, seed, "
+    "optimizer, scheduler"
 )
 
 

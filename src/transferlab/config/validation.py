@@ -21,10 +21,12 @@ from transferlab.core.errors import UserError
 from transferlab.core.fileio import not_a_file
 from transferlab.data.corruptions import check_corruption
 from transferlab.data.splits import check_class_list, check_settings
+from transferlab.data.unlabeled import check_setting as check_unlabeled_setting
 from transferlab.models import INPUT_SIZES
 from transferlab.train import methods
 from transferlab.train.metrics import METRICS, metric_key
 from transferlab.train.optim import OPTIMIZERS, optimizer_options
+from transferlab.train.unlabeled import ADAPTATION
 from transferlab.train.weights import check_backbone_weights
 
 # Old names -> new ones. Each old name stays in conf/ as a null placeholder (or, for a group option, a file that
@@ -190,6 +192,41 @@ def check_stage(cfg: DictConfig, name: str, stage) -> None:
     optimizer_options(config_dict(stage.optimizer), f"{at}.optimizer")  # fits torch's
     _mapping(f"{at}.scheduler", stage.scheduler)
     methods.check(name, stage, config_dict(cfg.model))  # the fine-tuning options and the scheduler
+    _check_unlabeled(cfg, at, stage, earlier=list(cfg.stages)[: list(cfg.stages).index(name)])
+
+
+def _check_unlabeled(cfg: DictConfig, at: str, stage, earlier: list[str]) -> None:
+    """What a stage trained on unlabeled images, or tested on the other task, needs from the rest of the run."""
+    tasks = _tasks(cfg.data)
+    if stage.test_task is not None and stage.test_task not in tasks:
+        raise UserError(f"{at}.test_task={stage.test_task!r}: use null (its own task) or one of {', '.join(tasks)}.")
+    method = stage.unlabeled.method
+    if method == "none":
+        return
+    if "target" not in tasks:
+        raise UserError(
+            f"{at}.unlabeled.method={method}: the unlabeled images are data.target's, and this data "
+            "config has no target task."
+        )
+    check_unlabeled_setting(cfg.data.target.get("unlabeled", "rest"))
+    if method in ADAPTATION and stage.task != "source":
+        raise UserError(
+            f"{at}.unlabeled.method={method} adapts a model trained on labelled source images to the target's "
+            f"unlabeled ones: set {at}.task=source (and {at}.test_task=target to test it on the target), or use "
+            "fixmatch / mean_teacher / pseudo_label for a target with some labels."
+        )
+    if method == "mean_teacher" and not stage.ema_decay:
+        raise UserError(
+            f"{at}.unlabeled.method=mean_teacher: its teacher is the EMA of the weights; set {at}.ema_decay "
+            "(e.g. 0.999)."
+        )
+    if method == "pseudo_label":
+        teacher = stage.unlabeled.teacher or stage.init
+        if teacher is None or teacher not in earlier:
+            raise UserError(
+                f"{at}.unlabeled.method=pseudo_label needs a teacher: set {at}.unlabeled.teacher to an earlier stage "
+                f"({', '.join(earlier) or 'none'}), or {at}.init (the teacher by default)."
+            )
 
 
 def _check_stage_keys(at: str, stage) -> None:

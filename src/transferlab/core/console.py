@@ -140,12 +140,23 @@ def stage_header(cfg, name: str, datamodule, trainer, optimizer: dict, resume: b
         f"stage {names.index(name) + 1}/{len(names)} {name}",
         f"{stage.task} {datamodule.describe()} {datamodule.num_classes} classes",
         f"{sizes.get('train', 0):,} train / {sizes.get('val', 0):,} val",
+        *(
+            [_unlabeled_note(stage, datamodule.unlabeled_batches)]
+            if getattr(datamodule, "unlabeled_batches", None)
+            else []
+        ),
+        *([f"tested on {stage.test_task}"] if stage.get("test_task") not in (None, stage.task) else []),
         *([_input_note(cfg, datamodule)] if getattr(datamodule, "model_input", None) else []),
         start,
         epochs + (" (head only)" if stage.get("trainable") == "head" else ""),
         opt,
     ]
     return " · ".join(parts)
+
+
+def _unlabeled_note(stage, batches) -> str:
+    """`+ 22,000 unlabeled (fixmatch, 7 per labelled image)`"""
+    return f"+ {len(batches.images):,} unlabeled ({stage.unlabeled.method}, {batches.ratio} per labelled image)"
 
 
 def _input_note(cfg, datamodule) -> str:

@@ -26,6 +26,8 @@ from transferlab.data.splits import (
     resolve_classes,
     stratified_split,
 )
+from transferlab.data.unlabeled import UnlabeledBatches
+from transferlab.data.unlabeled import check_setting as check_unlabeled_setting
 
 TEST_SPLIT_SEED = 0  # a test split taken from train is the same for every `seed`, so runs stay comparable
 
@@ -74,6 +76,7 @@ class ClassificationDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         role: str = "target",
         model_input: dict | None = None,  # the model's input (size, mean, std, interpolation): models.model_input
+        unlabeled: str | None = "rest",  # a target's unlabeled images (unlabeled.py), read when a stage asks
     ):
         super().__init__()
         self.key = f"data.{role}"
@@ -111,6 +114,9 @@ class ClassificationDataModule(L.LightningDataModule):
         self.sizes: dict[str, int] = {}
         self._resident: dict = {}
         self._data_hash: str | None = None
+        check_unlabeled_setting(unlabeled)
+        self.unlabeled = unlabeled
+        self.unlabeled_batches: UnlabeledBatches | None = None  # attached by a stage that trains on them too
 
     # -- what subclasses provide -------------------------------------------------------------------
     @property
@@ -212,6 +218,11 @@ class ClassificationDataModule(L.LightningDataModule):
             "val" in data,
         )
         parts = {"train": (train_idx, True), "val": (val_idx, False), "test": (test_idx, False)}
+        # the training images without their labels in the stage (unlabeled.py): train's rows and what is left
+        pool[train_idx] = -1
+        if "val" not in data:
+            pool[val_idx] = -1
+        self.train_data, self.train_idx, self.unused_idx = data["train"], train_idx, torch.nonzero(pool >= 0).flatten()
         self.sizes = {split: len(idx) for split, (idx, _) in parts.items()}
         self.splits = {
             split: self.input.subset(self, data[source(split)], labels[source(split)], idx, train)
@@ -252,17 +263,20 @@ class ClassificationDataModule(L.LightningDataModule):
     def fingerprint(self) -> dict:
         """What this data is, for the manifest: dataset, split sizes, number and bytes of files, `hash`."""
         data_hash = self.data_hash()
+        unlabeled = self.unlabeled_batches
         return {
             "dataset": type(self).__name__,
             "splits": self.split_sizes(),
             "files": self._files,
             "bytes": self._bytes,
             "hash": data_hash,
+            **({"unlabeled": unlabeled.describe()} if unlabeled else {}),
         }
 
     # -- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self):
-        return self._loader("train", self.batch_size, shuffle=True)
+        labelled = self._loader("train", self.batch_size, shuffle=True)
+        return self.unlabeled_batches.combined(self, labelled) if self.unlabeled_batches else labelled
 
     def val_dataloader(self):
         return self._loader("val", self.eval_batch(), shuffle=False)
@@ -281,6 +295,12 @@ class ClassificationDataModule(L.LightningDataModule):
         return self.input.loader(self, split, batch_size, shuffle)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict):  # labelled + unlabeled (UnlabeledBatches.combined)
+            assert self.unlabeled_batches is not None
+            return {
+                "labeled": self.input.on_device(self, batch["labeled"]),
+                "unlabeled": self.unlabeled_batches.on_device(self, batch["unlabeled"]),
+            }
         return self.input.on_device(self, batch)
 
     def device(self) -> torch.device:

@@ -62,13 +62,18 @@ class MemoryInput:
         training = dm.trainer is not None and dm.trainer.training
         if training and dm.augment:
             x = random_crop_flip(x, padding=4, generator=dm.augment_generator(x.device))
-        if dm.model_input and dm.input_size != x.shape[-1]:  # the model's size: a 224-px ViT on 32-px CIFAR
-            mode = dm.interpolation.value
-            x = torch.nn.functional.interpolate(x.float(), size=dm.input_size, mode=mode, antialias=True)
-            x = x.clamp_(0, 255) if mode == "bicubic" else x
-        mean = torch.tensor(dm.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(dm.std, device=x.device).view(1, -1, 1, 1)
-        return x.float().mul_(1 / (255 * std)).sub_(mean / std), y  # (x / 255 - mean) / std, in place
+        return to_model_input(dm, x), y
+
+
+def to_model_input(dm, x: torch.Tensor) -> torch.Tensor:
+    """A batch of 0..255 images (uint8 or float) at the model's input size, normalised as the model expects."""
+    if dm.model_input and dm.input_size != x.shape[-1]:  # the model's size: a 224-px ViT on 32-px CIFAR
+        mode = dm.interpolation.value
+        x = torch.nn.functional.interpolate(x.float(), size=dm.input_size, mode=mode, antialias=True)
+        x = x.clamp_(0, 255) if mode == "bicubic" else x
+    mean = torch.tensor(dm.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(dm.std, device=x.device).view(1, -1, 1, 1)
+    return x.float().mul_(1 / (255 * std)).sub_(mean / std)  # (x / 255 - mean) / std, in place
 
 
 class WorkersInput:

@@ -108,7 +108,7 @@ def obtain_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, data: Data
             # trained by a parallel job while this one waited for the lock?
             record = _rank_zero_decides(cache.fetch(plan.name, plan.hash, folder.dir))
             if record is None:
-                record = train_stage(cfg, plan, folder, data.take(plan.stage.task))
+                record = train_stage(cfg, plan, folder, *data.for_stage(plan))
                 if global_rank() == 0:
                     publish(cache, plan, folder.dir, record)
                 return record

@@ -18,6 +18,7 @@ from transferlab.models import WEIGHT_KEYS
 from transferlab.run.manifest import Manifest, StageRecord
 
 NEW_HEAD_DRAW = "own stream (seed, stage name)"  # since the new head stopped replaying the source head's init
+TESTED_ON = "(the test task)"  # the key of a stage tested on another task: results.table shows "source → target"
 UI_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}  # don't change results
 
 
@@ -62,6 +63,7 @@ def plan_stages(cfg: DictConfig, data_hashes: dict[str, str]) -> list[StagePlan]
         config = stage_config(cfg, name, upstream, result, init_file, backbone)
         if result is None:
             config[f"data.{stage.task} (content hash of its files)"] = data_hashes[stage.task]
+            config |= unlabeled_config(cfg, stage, data_hashes, plans)
         config = json.loads(json.dumps(config, sort_keys=True, default=str))
         new_head = bool(stage.init or init_file) and stage.init_head == "new"
         seed = cfg.seed if stage.get("seed") is None else stage.seed
@@ -93,8 +95,8 @@ def stage_config(
         }
     config = {
         "transferlab version": __version__,
-        f"stages.{name}": {k: v for k, v in config_dict(stage).items() if k != "model_weights"},
-        f"data.{stage.task}": {k: v for k, v in config_dict(cfg.data[stage.task]).items() if k != "cache_dir"},
+        f"stages.{name}": {k: v for k, v in config_dict(stage).items() if k != "model_weights" and not _off(k, v)},
+        f"data.{stage.task}": _data_config(cfg, stage.task),
         "model": {k: v for k, v in config_dict(cfg.model).items() if not (k in WEIGHT_KEYS and v)},
         "seed": cfg.seed if stage.get("seed") is None else stage.seed,
         "trainer": {  # one device is one device, whatever its index (a joblib job runs on GPU k: run.parallel)
@@ -111,6 +113,42 @@ def stage_config(
         config["model weights (content sha256)"] = _digest(backbone, "model.weights")
     if (stage.init or init_file) and stage.init_head == "new":
         config["new head"] = NEW_HEAD_DRAW  # a key only where it applies: the other stages' hashes stay as they were
+    return config
+
+
+def _off(key: str, value) -> bool:
+    """An option added after stages were first cached, at its default (off): left out of the hash, so that the
+    stages it does not change keep their hashes (and their cached results, and resume)."""
+    if key == "unlabeled":
+        return value.get("method") == "none"
+    return key in OFF and value == OFF[key]
+
+
+OFF = {"ema_decay": 0.0, "test_task": None}
+
+
+def _data_config(cfg: DictConfig, task: str) -> dict:
+    """A task's data settings that select its samples (`unlabeled` counts only for a stage that trains on them)."""
+    return {k: v for k, v in config_dict(cfg.data[task]).items() if k not in ("cache_dir", "unlabeled")}
+
+
+def unlabeled_config(cfg: DictConfig, stage, data_hashes: dict[str, str], plans: dict) -> dict:
+    """What else a stage's result depends on when it trains on unlabeled images or is tested on the other task:
+    those images (the target's settings and content), the test task's data, and the pseudo-labelling teacher."""
+    config: dict = {}
+    method = stage.unlabeled.method
+    if method != "none":
+        config["data.target.unlabeled (the unlabeled images)"] = {
+            "setting": cfg.data.target.get("unlabeled", "rest"),
+            "target data": _data_config(cfg, "target"),
+            "content": data_hashes["target unlabeled"],
+        }
+    if method == "pseudo_label":
+        teacher = stage.unlabeled.teacher or stage.init
+        config[f"stages.{teacher} (the teacher stage's config hash)"] = plans[teacher].hash
+    test = stage.get("test_task")
+    if test is not None and test != stage.task:
+        config[f"data.{test} {TESTED_ON}"] = {"settings": _data_config(cfg, test), "content": data_hashes[test]}
     return config
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from transferlab.core.fileio import atomic_write
 from transferlab.core.tables import markdown_table
 from transferlab.run.manifest import StageRecord
+from transferlab.run.plan import TESTED_ON
 from transferlab.train.metrics import METRICS, metric_key
 
 COLUMNS = ["stage", "task", "init", "test acc", "top-5", "macro F1", "macro AUROC", "epochs", "wall time"]
@@ -35,7 +36,8 @@ def table(results: dict) -> str:
     rows = [
         [
             name,
-            s.get("task", ""),
+            s.get("task", "")
+            + "".join(f" → {k.split('.')[1].split()[0]}" for k in s.get("config") or {} if k.endswith(TESTED_ON)),
             s.get("init") or "random",
             *(_fmt(s.get("test", {}).get(m), percent=m != "auroc") for m in METRICS),
             s.get("epochs", ""),

@@ -26,7 +26,8 @@ from transferlab.train.checkpoint_files import check_resumable
 from transferlab.train.factories import build, make_trainer
 from transferlab.train.metrics import metric_key, split_metrics
 from transferlab.train.module import ClassifierModule
-from transferlab.train.weights import draw_new_head, init_from_checkpoint, load_backbone_weights
+from transferlab.train.unlabeled import FrozenTeacher
+from transferlab.train.weights import draw_new_head, init_from_checkpoint, load_backbone_weights, load_module
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ class RunFolder:
         return self.dir / name / "checkpoints" / "last.ckpt"
 
 
-def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule) -> StageRecord:
-    """Train one stage (initialised from its init checkpoint, or resumed from its own last.ckpt) and test it."""
+def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule, tested_on=None) -> StageRecord:
+    """Train one stage (initialised from its init checkpoint, or resumed from its own last.ckpt) and test it (on
+    `tested_on`'s test split where given: `test_task`)."""
     L.seed_everything(plan.seed, workers=True, verbose=False)
     trainer, checkpoint = stage_trainer(cfg, plan, folder.dir / plan.name)
     optimizer = config_dict(plan.stage.optimizer)
@@ -63,6 +65,8 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
         **methods.options(plan.stage),
     )
     resumed = start_weights(plan, folder, module)
+    if plan.stage.unlabeled.method == "pseudo_label":
+        module.teacher = teacher(plan, folder, datamodule.num_classes)
     last = folder.last_checkpoint(plan.name)
     record = StageRecord.of(
         plan,
@@ -77,7 +81,20 @@ def train_stage(cfg: DictConfig, plan: StagePlan, folder: RunFolder, datamodule)
     log.info("%s", console.stage_header(cfg, plan.name, datamodule, trainer, optimizer, bool(resumed), init))
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
-    return tested(plan, folder, record, trainer, checkpoint, module, datamodule, start)
+    return tested(plan, folder, record, trainer, checkpoint, module, tested_on or datamodule, start)
+
+
+def teacher(plan: StagePlan, folder: RunFolder, num_classes: int) -> FrozenTeacher:
+    """pseudo_label's teacher: the best checkpoint of `unlabeled.teacher` (by default the init stage)."""
+    name = plan.stage.unlabeled.teacher or plan.stage.init
+    path = folder.manifest.checkpoint(name)
+    model, _ = load_module(path)
+    if model.head.out_features != num_classes:
+        raise UserError(
+            f"stages.{plan.name}.unlabeled.teacher={name}: its model predicts {model.head.out_features} classes, "
+            f"this stage's task has {num_classes}; the teacher must label the same classes (a stage on this task)."
+        )
+    return FrozenTeacher(model)
 
 
 def stage_trainer(cfg: DictConfig, plan: StagePlan, stage_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:

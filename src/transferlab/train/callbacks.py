@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 
 from transferlab.core.errors import UserError
 
@@ -68,3 +69,31 @@ class SpeedSettings(L.Callback):
             pl_module.to(memory_format=torch.channels_last)
         if self.compile and getattr(pl_module.backbone, "_compiled_call_impl", None) is None:
             pl_module.backbone.compile()  # in place: the state dict's keys stay as they are
+
+
+def ema_average(decay: float):
+    """AveragedModel's avg_fn for an EMA with the usual warm-up of its decay (TensorFlow's and timm's
+    ExponentialMovingAverage with num_updates): after n updates, decay_n = min(decay, (1 + n) / (10 + n)), so that a
+    stage of a few hundred steps is not left averaging mostly its starting weights (0.999^500 = 0.61)."""
+
+    def average(ema: torch.Tensor, param: torch.Tensor, updates) -> torch.Tensor:
+        n = float(updates)
+        rate = min(decay, (1 + n) / (10 + n))
+        return ema * rate + param * (1 - rate)
+
+    return average
+
+
+class EMAWeights(WeightAveraging):
+    """An EMA of the module's weights, updated after every optimizer step (`ema_average`); Lightning's
+    WeightAveraging validates and saves it (best.ckpt, last.ckpt hold the EMA weights, the training weights ride
+    along for resume) and leaves it in the module when training ends."""
+
+    def __init__(self, decay: float):
+        super().__init__(avg_fn=ema_average(decay))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The averaged copy of the module (mean teacher's teacher), from fit's start."""
+        assert self._average_model is not None, "made when fit starts"
+        return self._average_model.module

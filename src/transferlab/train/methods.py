@@ -13,13 +13,14 @@ from transferlab import CONF_DIR
 from transferlab.core.checks import config_dict
 from transferlab.core.errors import UserError
 from transferlab.models import BLOCKS
+from transferlab.train import unlabeled
 from transferlab.train.finetuning import resolve_trainable
 from transferlab.train.optim import check_scheduler
 
 STAGE_SCHEMA = Path(CONF_DIR) / "stage" / "default.yaml"  # the default stage: its keys are a stage's keys
 OPTIONS = (
     *("trainable", "unfreeze_every", "backbone_lr_mult", "layer_decay", "decay_norm_bias", "label_smoothing"),
-    *("l2sp", "bss"),
+    *("l2sp", "bss", "ema_decay", "unlabeled"),
 )
 # Their defaults (every one off) and what each means are written once, in the default stage; a ClassifierModule
 # built without the pipeline takes the same values.
@@ -41,6 +42,16 @@ RULES = {  # option -> (test, what it must be)
     "l2sp.beta": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
     "bss.weight": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
     "bss.k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1) (0: off; e.g. 0.999)"),
+    "unlabeled.method": (lambda v: v in unlabeled.METHODS, f"one of {', '.join(unlabeled.METHODS)}"),
+    "unlabeled.weight": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "unlabeled.ratio": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "a whole number >= 1 (unlabeled images per labelled one in a batch)",
+    ),
+    "unlabeled.threshold": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "unlabeled.temperature": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "unlabeled.teacher": (lambda v: v is None or isinstance(v, str), "a stage name or null"),
 }
 
 
@@ -54,7 +65,7 @@ def check(name: str, stage, model: dict) -> None:
     """Every fine-tuning option of `stages.<name>`, and its scheduler, named with the fix when wrong."""
     where = f"stages.{name}"
     opts = {**DEFAULTS, **options(stage)}
-    for group in ("l2sp", "bss"):
+    for group in ("l2sp", "bss", "unlabeled"):
         if not isinstance(opts[group], dict) or set(opts[group]) - set(DEFAULTS[group]):
             raise UserError(f"{where}.{group}={opts[group]!r}: give {{{', '.join(DEFAULTS[group])}}} only.")
         opts |= {f"{group}.{key}": value for key, value in {**DEFAULTS[group], **opts[group]}.items()}

@@ -23,6 +23,7 @@ from transferlab.train.module import ClassifierModule
 
 log = logging.getLogger(__name__)
 WRAPPERS = ("state_dict", "model", "module")  # where checkpoints of Lightning, timm's train.py, MAE keep the weights
+AUXILIARY = ("domain_head.",)  # modules a stage trains with that are not part of the model
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -79,7 +80,10 @@ def init_from_checkpoint(module: nn.Module, path: str | Path, new_head: bool) ->
     state = module_state(_state_dict(checkpoint, path), module, path)
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    problems = key_problems(state, module.state_dict(), skip_head=new_head)
+    # a training aid (DANN's domain discriminator) is neither carried on nor expected
+    state = {k: v for k, v in state.items() if not k.startswith(AUXILIARY)}
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(AUXILIARY)}
+    problems = key_problems(state, own, skip_head=new_head)
     mismatched = problems["shape mismatch (checkpoint vs model)"]
     if (
         mismatched
