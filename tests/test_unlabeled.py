@@ -236,6 +236,19 @@ def test_the_ema_equals_its_formula_and_is_the_stage_result():
     assert ema_average(0.999)(torch.tensor(1.0), torch.tensor(0.0), 0) == pytest.approx(0.1)  # rate (1 + 0) / (10 + 0)
 
 
+def test_a_stage_with_an_ema_is_tested_on_the_ema_weights(tmp_path):
+    """The stage's test metrics are the EMA's: those transferlab-eval gives for the EMA weights of best.ckpt, not
+    those of the training weights the checkpoint also holds (for resume)."""
+    run_dir = tmp_path / "run"
+    run_cli("transferlab", *TINY, *ONLY_FINETUNE, "stages.finetune.ema_decay=0.999", f"hydra.run.dir={run_dir}")
+    finetune = manifest(run_dir)["stages"]["finetune"]
+    best = run_dir / finetune["best_ckpt"]
+    ckpt = torch.load(best, weights_only=True)
+    assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
+    proc = run_cli("transferlab-eval", f"ckpt={best}", "task=target", *(o for o in TINY if o.startswith("data.")))
+    assert f"test/acc: {finetune['test']['acc']:.4f}" in proc.stdout
+
+
 def test_the_ema_callback_is_added_only_when_asked():
     plain = ClassifierModule(model={"name": "convnet"}, num_classes=3, optimizer={"name": "sgd", "lr": 0.1})
     ema = ClassifierModule(

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 from transferlab.core.errors import UserError
 
@@ -91,6 +92,13 @@ class EMAWeights(WeightAveraging):
 
     def __init__(self, decay: float):
         super().__init__(avg_fn=ema_average(decay))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Resuming a fit: the EMA and the training weights both come back. Testing a checkpoint: its state_dict,
+        already loaded, is the EMA; WeightAveraging would put the training weights back (after a fit, the callback
+        still holds an average) or warn that it cannot."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     @property
     def model(self) -> torch.nn.Module:
