@@ -36,7 +36,7 @@ def table(results: dict) -> str:
     rows = [
         [
             name,
-            s.get("task", "")
+            (s.get("task") or "")
             + "".join(f" → {k.split('.')[1].split()[0]}" for k in s.get("config") or {} if k.endswith(TESTED_ON)),
             s.get("init") or "random",
             *(_fmt(s.get("test", {}).get(m), percent=m != "auroc") for m in METRICS),
