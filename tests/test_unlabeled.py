@@ -236,6 +236,7 @@ def test_the_ema_equals_its_formula_and_is_the_stage_result():
     assert ema_average(0.999)(torch.tensor(1.0), torch.tensor(0.0), 0) == pytest.approx(0.1)  # rate (1 + 0) / (10 + 0)
 
 
+@pytest.mark.slow
 def test_a_stage_with_an_ema_is_tested_on_the_ema_weights(tmp_path):
     """The stage's test metrics are the EMA's: those transferlab-eval gives for the EMA weights of best.ckpt, not
     those of the training weights the checkpoint also holds (for resume)."""
@@ -259,7 +260,14 @@ def test_the_ema_callback_is_added_only_when_asked():
 
 
 # -- in the pipeline -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["fixmatch", "mean_teacher", "pseudo_label"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "fixmatch",
+        pytest.param("mean_teacher", marks=pytest.mark.slow),
+        pytest.param("pseudo_label", marks=pytest.mark.slow),
+    ],
+)
 def test_semi_supervised_recipes_run_through_the_pipeline(tmp_path, recipe):
     run_dir = tmp_path / "run"
     proc = run_cli("transferlab", *TINY, *FEW_LABELS, f"recipe={recipe}", f"hydra.run.dir={run_dir}")
@@ -275,6 +283,7 @@ def test_semi_supervised_recipes_run_through_the_pipeline(tmp_path, recipe):
     assert ("train/unlabeled_kept" in metrics) == (recipe != "mean_teacher")
 
 
+@pytest.mark.slow
 def test_fixmatch_on_an_image_folder_target_reads_the_unlabeled_files_in_workers(tmp_path):
     """The workers input path end to end: a target of image files, the unlabeled ones decoded by 2 workers."""
     root = write_folder(tmp_path / "images", per_class=12)
@@ -321,6 +330,7 @@ def test_the_unlabeled_setting_enters_the_hash_of_the_stages_that_use_it(tmp_pat
     assert hashes("recipe=fixmatch", f"data.target.unlabeled={folder}")["finetune"] != other_folder["finetune"]
 
 
+@pytest.mark.slow
 def test_a_sweep_over_methods_shares_the_stages_before_them(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(
@@ -340,6 +350,7 @@ def test_a_sweep_over_methods_shares_the_stages_before_them(tmp_path):
     assert "unlabeled" in second["finetune"]["data"] and "unlabeled" not in first["finetune"]["data"]
 
 
+@pytest.mark.slow
 def test_a_killed_semi_supervised_stage_resumes_to_the_same_numbers(tmp_path):
     """SIGTERM in FixMatch + EMA's second epoch; the same command resumes from last.ckpt (the EMA weights and the
     unlabeled batches' position with it) and ends where the run that was never stopped ends."""
