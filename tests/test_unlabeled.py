@@ -444,6 +444,7 @@ def test_unlabeled_folders_without_images_or_with_classes_are_refused(tmp_path):
 def test_rest_with_every_label_kept_is_refused(tmp_path):
     proc = run_cli("transferlab", *TINY, "recipe=fixmatch", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert_user_error(proc, "data.target.unlabeled=rest", "samples_per_class=100", "data.target.unlabeled=<dir>")
+    assert not (tmp_path / "r" / "source").exists()  # said before any stage trains
 
 
 def test_domain_adaptation_between_different_classes_is_refused(tmp_path):

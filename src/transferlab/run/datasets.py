@@ -48,10 +48,12 @@ class Datasets:
             task, test = plan.stage.task, plan.stage.test_task
             if test and test != task:
                 check_same_classes(plan.name, self.loaded[task], self.loaded[test], f"stages.{plan.name}.test_task")
-            if plan.stage.unlabeled.method != "none" and task != "target":
-                check_same_classes(
-                    plan.name, self.loaded[task], self._unlabeled_source, f"stages.{plan.name}.unlabeled"
-                )
+            if plan.stage.unlabeled.method != "none":
+                self.unlabeled_for(task)  # none left (`rest` with every label kept): said before any stage trains
+                if task != "target":
+                    check_same_classes(
+                        plan.name, self.loaded[task], self._unlabeled_source, f"stages.{plan.name}.unlabeled"
+                    )
             if self.loaded[task].split_sizes()["val"] == 0:
                 raise UserError(
                     f"Stage {plan.name!r}: the validation split is empty; the best checkpoint is chosen on "
@@ -61,6 +63,15 @@ class Datasets:
     def take(self, task: str):
         return self.loaded.pop(task, None) or self.build(task)
 
+    def unlabeled_for(self, task: str) -> UnlabeledImages:
+        """The target's unlabeled images for a stage on `task` (adapting from the source: every target training
+        image), selected once."""
+        include_train = task != "target"
+        if include_train not in self._unlabeled:
+            assert self._unlabeled_source is not None  # built when a stage trains on unlabeled images
+            self._unlabeled[include_train] = unlabeled_images(self._unlabeled_source, include_train)
+        return self._unlabeled[include_train]
+
     def for_stage(self, plan: StagePlan):
         """The stage's data module, with the target's unlabeled images attached where its method trains on them, and
         the data module it is tested on (the same one unless `test_task` names the other task)."""
@@ -68,11 +79,7 @@ class Datasets:
         datamodule = self.take(stage.task)
         method = stage.unlabeled.method
         if method != "none":
-            include_train = stage.task != "target"  # adapting from the source: every target training image
-            if include_train not in self._unlabeled:
-                assert self._unlabeled_source is not None
-                self._unlabeled[include_train] = unlabeled_images(self._unlabeled_source, include_train)
-            images = self._unlabeled[include_train]
+            images = self.unlabeled_for(stage.task)
             datamodule.unlabeled_batches = UnlabeledBatches(images, stage.unlabeled.ratio, VIEWS[method], plan.seed)
         test = stage.test_task or stage.task
         return datamodule, datamodule if test == stage.task else self.take(test)
