@@ -28,7 +28,8 @@ class Datasets:
         tasks |= {"target"} if self.uses_unlabeled else set()
         self.loaded = {task: self.build(task) for task in sorted(tasks)}
         self._unlabeled: dict[bool, UnlabeledImages] = {}
-        self._unlabeled_source = self.build("target") if self.uses_unlabeled else None  # never handed to a stage
+        # the unlabeled images are selected from the loaded target once (`unlabeled_for`), before it trains a stage
+        self._unlabeled_source = self.loaded["target"] if self.uses_unlabeled else None
 
     def build(self, task: str):
         return build(self.cfg.data[task], model_input=self.model_input)
